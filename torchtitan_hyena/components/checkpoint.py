@@ -1,0 +1,302 @@
+"""DCP checkpoints: save, resume, seed from another checkpoint, export.
+
+Layout: ``<dump_folder>/<folder>/step-N/`` holds one DCP checkpoint (model FQNs at the top level;
+``optimizer``, ``lr_scheduler``, ``dataloader`` and ``train_state`` entries), plus
+``model_args.json`` and ``job_config.json``. A step folder counts only once the completion
+marker ``.complete`` exists; it is written after every rank has finished writing, so a folder
+left by a crash is ignored (with a warning) and never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+from torchtitan_hyena.errors import UserError
+from torchtitan_hyena.protocols.model import write_model_args
+from torchtitan_hyena.tools.logging import logger
+
+COMPLETE_MARKER = ".complete"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_NON_MODEL = ("optimizer", "lr_scheduler", "dataloader", "train_state")
+
+
+def step_folders(folder: Path, complete_only: bool = True) -> dict[int, Path]:
+    """{step: path} of the step folders under ``folder``."""
+    found = {}
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = _STEP_RE.match(p.name)
+            if m and p.is_dir() and (not complete_only or (p / COMPLETE_MARKER).exists()):
+                found[int(m.group(1))] = p
+    return found
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """Per-key storage metadata of a DCP folder, with a one-line error for anything unreadable."""
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} does not exist or is not a folder")
+    if not (path / ".metadata").exists():
+        raise UserError(f"checkpoint {path} is not a DCP checkpoint (no .metadata file); point at a step-N folder")
+    try:
+        return FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def model_state_dict(model_parts: list[nn.Module]) -> dict[str, Any]:
+    sd: dict[str, Any] = {}
+    for part in model_parts:
+        sd.update(get_model_state_dict(part))
+    return sd
+
+
+def load_model_weights(model_parts: list[nn.Module], path: Path, strict_shapes: bool = True) -> dict[str, list[str]]:
+    """Load model tensors from a DCP folder into ``model_parts``, tolerating partial checkpoints.
+
+    Keys may be plain FQNs or ``model.``-prefixed (DCPs written as ``{"model": sd}``). Parameters
+    absent from the checkpoint or of a different shape keep their current (fresh) values and are
+    returned, so the caller can list them.
+    """
+    meta = read_metadata(path)
+    sd = model_state_dict(model_parts)
+    to_load, renamed, missing, mismatched = {}, {}, [], []
+    for key, value in sd.items():
+        ckpt_key = key if key in meta else f"model.{key}" if f"model.{key}" in meta else None
+        if ckpt_key is None:
+            missing.append(key)
+            continue
+        info = meta[ckpt_key]
+        if not isinstance(info, TensorStorageMetadata) or tuple(info.size) != tuple(value.shape):
+            have = tuple(info.size) if isinstance(info, TensorStorageMetadata) else "non-tensor"
+            mismatched.append(f"{key} {have} -> {tuple(value.shape)}")
+            continue
+        to_load[ckpt_key] = value
+        renamed[ckpt_key] = key
+    if strict_shapes and (missing or mismatched):
+        raise UserError(
+            f"checkpoint {path} does not match the model: {len(missing)} missing and {len(mismatched)} "
+            f"mis-shaped tensors (first: {(missing + mismatched)[0]}); check model.flavor and model.vocab_size"
+        )
+    if not to_load:
+        raise UserError(f"checkpoint {path} has no tensor that matches the model; check model.name and model.flavor")
+    try:
+        dcp.load(to_load, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    except Exception as e:
+        raise UserError(f"could not read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    loaded = {renamed[k]: v for k, v in to_load.items()}
+    for part in model_parts:
+        set_model_state_dict(part, loaded, options=StateDictOptions(strict=False))
+    model_keys = set(sd)
+    unused = sorted(k for k in meta if k.removeprefix("model.") not in model_keys and not k.startswith(_NON_MODEL))
+    return {"missing": missing, "mismatched": mismatched, "unused": unused}
+
+
+class CheckpointManager:
+    """Saves and restores the whole training state through DCP."""
+
+    def __init__(
+        self,
+        *,
+        config: Any,
+        dump_folder: Path,
+        model_parts: list[nn.Module],
+        optimizers: Any,
+        lr_schedulers: Any,
+        dataloader: Any,
+        train_state: Any,
+        model_info: tuple[str, str, Any],
+        job_config_dict: dict[str, Any],
+    ) -> None:
+        self.config = config
+        self.enabled = config.enable
+        self.folder = dump_folder / config.folder
+        self.model_parts = model_parts
+        self.stateful = {
+            "optimizer": optimizers,
+            "lr_scheduler": lr_schedulers,
+            "dataloader": dataloader,
+            "train_state": train_state,
+        }
+        self.model_info = model_info
+        self.job_config_dict = job_config_dict
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self._pending: tuple[int, Path, Any] | None = None
+        self._staging: Future | None = None
+        self._async_pg = None
+        if self.enabled and config.async_mode != "disabled" and dist.is_initialized():
+            self._async_pg = dist.new_group(backend="gloo")
+
+    # ------------------------------------------------------------------ load
+    def load(self) -> int:
+        """Resume from the latest complete step (or ``load_step``), else seed from ``initial_load_path``.
+
+        Returns the step to continue from (0 when starting fresh).
+        """
+        c = self.config
+        if self.enabled:
+            for p in sorted(step_folders(self.folder, complete_only=False).items()):
+                if not (p[1] / COMPLETE_MARKER).exists():
+                    logger.warning(f"ignoring incomplete checkpoint {p[1]} (no completion marker)")
+            complete = step_folders(self.folder)
+            if c.load_step >= 0:
+                if c.load_step not in complete:
+                    raise UserError(
+                        f"checkpoint.load_step {c.load_step} has no complete checkpoint in {self.folder}; "
+                        f"available: {sorted(complete) or 'none'}"
+                    )
+                return self._resume(c.load_step, complete[c.load_step])
+            if complete:
+                step = max(complete)
+                return self._resume(step, complete[step])
+        if c.initial_load_path:
+            self._initial_load(Path(c.initial_load_path))
+        return 0
+
+    def _resume(self, step: int, path: Path) -> int:
+        t0 = time.perf_counter()
+        meta = read_metadata(path)
+        if "train_state.step" not in meta and not any(k.startswith("train_state") for k in meta):
+            logger.info(f"checkpoint {path} is model-only: loading weights, starting the schedule at step 0")
+            load_model_weights(self.model_parts, path)
+            return 0
+        load_model_weights(self.model_parts, path)
+        names = [n for n in _NON_MODEL if n not in self.config.exclude_from_loading]
+        state = {n: self.stateful[n].state_dict() for n in names}
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except Exception as e:
+            raise UserError(f"could not restore training state from {path} ({type(e).__name__}: {e})") from None
+        for n in names:
+            self.stateful[n].load_state_dict(state[n])
+        logger.info(f"resumed from {path} in {time.perf_counter() - t0:.1f}s")
+        return step
+
+    def _initial_load(self, path: Path) -> None:
+        t0 = time.perf_counter()
+        report = load_model_weights(self.model_parts, path, strict_shapes=False)
+        logger.info(f"seeded model weights from {path} in {time.perf_counter() - t0:.1f}s")
+        if report["missing"]:
+            logger.info(f"kept fresh init (absent from {path}): {', '.join(report['missing'])}")
+        if report["mismatched"]:
+            logger.info(f"kept fresh init (shape differs): {', '.join(report['mismatched'])}")
+        if report["unused"]:
+            logger.info(f"ignored checkpoint tensors the model does not have: {', '.join(report['unused'])}")
+        if not self.config.initial_load_model_only:
+            meta = read_metadata(path)
+            names = [n for n in _NON_MODEL if any(k.startswith(n) for k in meta)]
+            names = [n for n in names if n not in self.config.exclude_from_loading and n != "train_state"]
+            state = {n: self.stateful[n].state_dict() for n in names}
+            dcp.load(state, checkpoint_id=str(path))
+            for n in names:
+                self.stateful[n].load_state_dict(state[n])
+            logger.info(f"also restored {', '.join(names) or 'nothing'} from {path}")
+
+    # ------------------------------------------------------------------ save
+    def should_save(self, step: int, last_step: bool) -> bool:
+        return self.enabled and (last_step or step % self.config.interval == 0)
+
+    def save(self, step: int, last_step: bool = False) -> None:
+        if not self.should_save(step, last_step):
+            return
+        self.wait()
+        path = self.folder / f"step-{step}"
+        if self.rank == 0:
+            if path.exists():
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+        if dist.is_initialized():
+            dist.barrier()
+        model_only = last_step and self.config.last_save_model_only
+        state: dict[str, Any] = model_state_dict(self.model_parts)
+        if model_only:
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+                self.config.export_dtype
+            ]
+            state = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in state.items()}
+        else:
+            state.update({n: s.state_dict() for n, s in self.stateful.items()})
+        mode = self.config.async_mode if not last_step else "disabled"
+        t0 = time.perf_counter()
+        if mode == "disabled":
+            dcp.save(state, checkpoint_id=str(path))
+            self._finalize(step, path)
+            logger.info(f"saved checkpoint {path} in {time.perf_counter() - t0:.1f}s")
+        else:
+            self._pending = (step, path, self._async_save(state, path, mode))
+            logger.info(f"staged checkpoint {path} in {time.perf_counter() - t0:.1f}s (writing in background)")
+
+    def _async_save(self, state: dict[str, Any], path: Path, mode: str) -> Future:
+        if mode == "async":
+            return dcp.async_save(state, checkpoint_id=str(path), process_group=self._async_pg)
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+        pinned = torch.cuda.is_available()
+        response = dcp.async_save(
+            state,
+            checkpoint_id=str(path),
+            process_group=self._async_pg,
+            async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+            async_stager=DefaultStager(StagingOptions(pinned, True, True, pinned)),
+        )
+        self._staging = response.staging_completion
+        return response.upload_completion
+
+    def wait_for_staging(self) -> None:
+        """Parameters must not change while a pinned-memory save is still copying them."""
+        if self._staging is not None:
+            self._staging.result()
+            self._staging = None
+
+    def poll(self) -> None:
+        """Finalize a finished background save (marker, purge) without blocking."""
+        if self._pending is not None and self._pending[2].done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until any background save has finished, then finalize it."""
+        if self._pending is None:
+            return
+        step, path, future = self._pending
+        self._pending = None
+        future.result()
+        self._finalize(step, path)
+
+    def _finalize(self, step: int, path: Path) -> None:
+        if dist.is_initialized():
+            dist.barrier(group=self._async_pg)
+        if self.rank == 0:
+            name, flavor, args = self.model_info
+            write_model_args(path, name, flavor, args)
+            (path / "job_config.json").write_text(json.dumps(self.job_config_dict, indent=2) + "\n")
+            (path / COMPLETE_MARKER).write_text(f"{step}\n")
+            self._purge()
+
+    def _purge(self) -> None:
+        k = self.config.keep_latest_k
+        if k <= 0:
+            return
+        complete = step_folders(self.folder)
+        for step in sorted(complete)[:-k]:
+            shutil.rmtree(complete[step], ignore_errors=True)
+            logger.info(f"removed old checkpoint {complete[step]} (keep_latest_k = {k})")
+
+    def close(self) -> None:
+        self.wait()
+        if self._async_pg is not None:
+            dist.destroy_process_group(self._async_pg)
+            self._async_pg = None

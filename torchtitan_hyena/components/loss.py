@@ -1,0 +1,33 @@
+"""Token cross entropy, summed in fp32; the trainer divides by the global token count."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from torchtitan_hyena.components.datasets.base import IGNORE_INDEX
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over tokens of (optionally weighted) cross entropy; logits are upcast to fp32 here.
+
+    Summing (not averaging) per microbatch and dividing once by the global number of valid tokens
+    makes the loss, and so the gradients, independent of how tokens are split across ranks and
+    accumulation steps.
+    """
+    losses = F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    if weights is not None:
+        losses = losses * weights.flatten(0, 1).to(losses.dtype)
+    return losses.sum()
+
+
+def build_cross_entropy_loss(job_config) -> LossFn:
+    if job_config.compile.enable and "loss" in job_config.compile.components:
+        return torch.compile(cross_entropy_sum, backend=job_config.compile.backend)
+    return cross_entropy_sum

@@ -1,0 +1,208 @@
+"""JobConfig: one dataclass per TOML section.
+
+Every field carries a one-line ``help`` and, where the set of values is closed, ``choices``;
+:mod:`torchtitan_hyena.config.manager` uses both for ``--help``, parsing and validation.
+Key names follow TorchTitan v0.2 so that configs and scripts written for it read naturally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def opt(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
+    """A config field with its help line (and optional closed set of values)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Job:
+    config_file: str = opt("", "TOML file to read before command-line overrides")
+    dump_folder: str = opt("./outputs", "folder for checkpoints, tensorboard logs and metrics.jsonl")
+    description: str = opt("", "free-text description of the run")
+    print_config: bool = opt(True, "print the resolved config as a table at start")
+
+
+@dataclass
+class Profiling:
+    enable_profiling: bool = opt(False, "record torch profiler traces")
+    save_traces_folder: str = opt("profile_trace", "trace folder, relative to dump_folder")
+    profile_freq: int = opt(10, "profile one step every N steps")
+    enable_memory_snapshot: bool = opt(False, "dump CUDA/ROCm allocator snapshots (no-op on CPU)")
+    save_memory_snapshot_folder: str = opt("memory_snapshot", "memory snapshot folder, relative to dump_folder")
+
+
+@dataclass
+class Metrics:
+    log_freq: int = opt(10, "log metrics every N steps (console, metrics.jsonl, tensorboard)")
+    enable_tensorboard: bool = opt(False, "write tensorboard events")
+    save_tb_folder: str = opt("tb", "tensorboard folder, relative to dump_folder")
+
+
+@dataclass
+class Model:
+    name: str = opt("llama3", "model family registered in the TrainSpec registry (llama3, hyena)")
+    flavor: str = opt("debugmodel", "size preset of the model family")
+    vocab_size: int = opt(-1, "vocabulary size; -1 keeps the flavor's")
+    attention_backend: str = opt("sdpa", "attention kernel", ("sdpa", "flash", "auto"))
+    conv_impl: str = opt(
+        "auto", "Hyena convolution kernels: triton on GPU, torch elsewhere", ("auto", "triton", "torch")
+    )
+    rope_scaling: str = opt("none", "RoPE frequency scaling (llama3 = Llama-3.1 style)", ("none", "llama3"))
+    rope_scaling_factor: float = opt(8.0, "Llama-3.1 RoPE scaling factor")
+    rope_low_freq_factor: float = opt(1.0, "Llama-3.1 RoPE low-frequency factor")
+    rope_high_freq_factor: float = opt(4.0, "Llama-3.1 RoPE high-frequency factor")
+    rope_original_max_position: int = opt(8192, "context length the RoPE frequencies were trained at")
+
+
+@dataclass
+class Optimizer:
+    name: str = opt("AdamW", "optimizer", ("AdamW", "Adam"))
+    lr: float = opt(8e-4, "peak learning rate")
+    beta1: float = opt(0.9, "Adam beta1")
+    beta2: float = opt(0.95, "Adam beta2")
+    eps: float = opt(1e-8, "Adam epsilon")
+    weight_decay: float = opt(0.1, "decoupled weight decay")
+    decay_norms_and_embeddings: bool = opt(
+        True, "apply weight decay to norms, embeddings, biases and filters too (false: matrices only)"
+    )
+    implementation: str = opt(
+        "auto", "kernel: auto picks fused where supported", ("auto", "fused", "foreach", "for-loop")
+    )
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = opt(200, "linear warmup steps")
+    decay_ratio: float = opt(-1.0, "fraction of steps spent decaying at the end (WSD); -1 decays after warmup")
+    decay_type: str = opt("linear", "decay shape", ("linear", "sqrt", "cosine"))
+    min_lr_factor: float = opt(0.0, "final lr as a fraction of the peak")
+
+
+@dataclass
+class Training:
+    dataset: str = opt("neural_pile", "dataset kind (neural_pile, mock, ...)")
+    dataset_path: str = opt(
+        "tests/assets/neural_pile_sample", "HF repo id (e.g. eminorhan/neural-pile-rodent) or local folder"
+    )
+    dataset_split: str = opt("train", "split to train on")
+    shuffle: bool = opt(False, "shuffle rows each epoch with the training seed")
+    local_batch_size: int = opt(8, "sequences per microbatch per data-parallel rank")
+    global_batch_size: int = opt(-1, "sequences per optimizer step; -1 = local x data-parallel degree")
+    seq_len: int = opt(2048, "tokens per sequence (also the model's max length)")
+    steps: int = opt(10000, "optimizer steps to train")
+    max_norm: float = opt(1.0, "gradient clipping max norm; 0 disables")
+    mixed_precision_param: str = opt("bfloat16", "FSDP parameter dtype", ("bfloat16", "float32", "float16"))
+    mixed_precision_reduce: str = opt("float32", "FSDP gradient reduce dtype", ("float32", "bfloat16"))
+    seed: int = opt(0, "seed for weights, data order and dropout")
+    deterministic: bool = opt(False, "deterministic kernels (bit-reproducible on CPU)")
+    gc_freq: int = opt(50, "run Python GC every N steps (automatic GC is disabled)")
+    enable_cpu_offload: bool = opt(False, "FSDP CPU offload of parameters, gradients and optimizer state")
+
+
+@dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = opt(1, "HSDP replicas (DDP-style)")
+    data_parallel_shard_degree: int = opt(-1, "FSDP shards; -1 takes the ranks left over")
+    tensor_parallel_degree: int = opt(1, "tensor (and sequence) parallel degree")
+    context_parallel_degree: int = opt(1, "context parallel degree")
+    context_parallel_rotate_method: str = opt("allgather", "CP attention K/V exchange", ("allgather", "ring"))
+    enable_loss_parallel: bool = opt(True, "cross entropy on vocab-sharded logits under TP")
+    enable_async_tensor_parallel: bool = opt(False, "overlap TP collectives with matmuls (needs compile)")
+    fsdp_reshard_after_forward: str = opt(
+        "default", "free gathered params after forward", ("default", "always", "never")
+    )
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = opt(False, "save and resume DCP checkpoints")
+    folder: str = opt("checkpoint", "checkpoint folder, relative to dump_folder")
+    interval: int = opt(500, "save every N steps (and at the last step)")
+    keep_latest_k: int = opt(10, "keep only the newest K complete checkpoints; 0 keeps all")
+    async_mode: str = opt("disabled", "save in the background", ("disabled", "async", "async_with_pinned_mem"))
+    initial_load_path: str = opt("", "DCP folder to seed from when the run has no checkpoint yet")
+    initial_load_model_only: bool = opt(True, "seed only the model weights from initial_load_path")
+    last_save_model_only: bool = opt(False, "the final checkpoint holds model weights only")
+    export_dtype: str = opt("float32", "dtype of a model-only final checkpoint", ("float32", "bfloat16", "float16"))
+    load_step: int = opt(-1, "resume from this step instead of the latest")
+    exclude_from_loading: list[str] = opt([], "state to skip when resuming (optimizer, lr_scheduler, dataloader)")
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = opt("none", "activation checkpointing", ("none", "full", "selective"))
+    selective_ac_option: str = opt("2", "selective: 'op' for per-op SAC, or N to checkpoint every N-th block")
+
+
+@dataclass
+class Compile:
+    enable: bool = opt(False, "torch.compile each block and the loss")
+    components: list[str] = opt(["model", "loss"], "what to compile (model, loss)")
+    backend: str = opt("inductor", "torch.compile backend")
+
+
+@dataclass
+class Float8:
+    enable: bool = opt(False, "float8 linear layers through torchao")
+    recipe: str = opt("tensorwise", "scaling recipe", ("tensorwise", "rowwise", "rowwise_with_gw_hp"))
+    emulate: bool = opt(False, "emulate float8 on any device (eager only; for tests)")
+    enable_fsdp_float8_all_gather: bool = opt(False, "all-gather FSDP params in float8 (tensorwise)")
+    precompute_float8_dynamic_scale_for_fsdp: bool = opt(False, "one all-reduce for all float8 scales per step")
+    filter_fqns: list[str] = opt(["output"], "linear layers (name fragments) kept in high precision")
+
+
+@dataclass
+class Comm:
+    init_timeout_seconds: int = opt(300, "timeout for the first collective")
+    train_timeout_seconds: int = opt(100, "timeout for collectives after the first step")
+    trace_buf_size: int = opt(20000, "NCCL flight-recorder entries (0 disables)")
+
+
+@dataclass
+class Validation:
+    enable: bool = opt(False, "evaluate on a held-out split periodically")
+    dataset_split: str = opt("test", "split to evaluate on (same dataset as training)")
+    freq: int = opt(100, "validate every N steps")
+    steps: int = opt(10, "validation batches per evaluation; -1 runs the whole split")
+    local_batch_size: int = opt(-1, "validation sequences per rank; -1 uses training.local_batch_size")
+
+
+SECTIONS: dict[str, type] = {
+    "job": Job,
+    "profiling": Profiling,
+    "metrics": Metrics,
+    "model": Model,
+    "optimizer": Optimizer,
+    "lr_scheduler": LRScheduler,
+    "training": Training,
+    "parallelism": Parallelism,
+    "checkpoint": Checkpoint,
+    "activation_checkpoint": ActivationCheckpoint,
+    "compile": Compile,
+    "float8": Float8,
+    "comm": Comm,
+    "validation": Validation,
+}
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    profiling: Profiling = field(default_factory=Profiling)
+    metrics: Metrics = field(default_factory=Metrics)
+    model: Model = field(default_factory=Model)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    float8: Float8 = field(default_factory=Float8)
+    comm: Comm = field(default_factory=Comm)
+    validation: Validation = field(default_factory=Validation)

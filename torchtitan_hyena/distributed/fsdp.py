@@ -1,0 +1,54 @@
+"""FSDP2 / HSDP wrapping shared by the model families."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from torchtitan_hyena.tools.logging import logger
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    param_dtype: str,
+    reduce_dtype: str,
+    reshard_after_forward: str,
+    cpu_offload: bool,
+    units: Sequence[nn.Module | Sequence[nn.Module]],
+    last_unit: Sequence[nn.Module],
+) -> None:
+    """Shard ``units`` (embedding, each block), then ``last_unit`` (final norm + head), then the root.
+
+    ``reshard_after_forward``: "default"/"always" free gathered parameters after forward,
+    "never" keeps them (more memory, no re-gather in backward). The last unit reshards only
+    with "always": FSDP would prefetch it straight back for backward.
+    Gradient division is disabled: the loss is already normalised by the global token count.
+    """
+    kwargs = {
+        "mesh": mesh,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype]),
+    }
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    reshard = reshard_after_forward != "never"
+    for unit in units:
+        modules = [m for m in ([unit] if isinstance(unit, nn.Module) else unit) if m is not None]
+        if modules:
+            fully_shard(modules if len(modules) > 1 else modules[0], reshard_after_forward=reshard, **kwargs)
+    last = [m for m in last_unit if m is not None]
+    if last:
+        fully_shard(last, reshard_after_forward=reshard_after_forward == "always", **kwargs)
+    fully_shard(model, reshard_after_forward=reshard, **kwargs)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+    hsdp = mesh.ndim == 2
+    logger.info(f"applied {'HSDP' if hsdp else 'FSDP'} over mesh {mesh.mesh_dim_names} ({param_dtype} params)")

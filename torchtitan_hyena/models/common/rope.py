@@ -1,0 +1,63 @@
+"""Rotary position embeddings in real arithmetic (compile- and DTensor-friendly).
+
+Two layouts share the frequency tables: Meta/Llama's interleaved pairs (x[2j], x[2j+1]) and
+GPT-NeoX's rotate-half (x[j], x[j + d/2]) used by StripedHyena 2 / Evo 2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rope_inv_freq(
+    head_dim: int,
+    theta: float,
+    scaling: str = "none",
+    factor: float = 8.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_max_position: int = 8192,
+) -> torch.Tensor:
+    """Inverse frequencies 1/theta^(2j/d), optionally with Llama-3.1 frequency scaling."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling == "llama3":
+        low_wavelen = original_max_position / low_freq_factor
+        high_wavelen = original_max_position / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif scaling != "none":
+        raise ValueError(f"unknown RoPE scaling {scaling!r}")
+    return inv_freq.float()
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (*positions.shape, d/2), computed in fp32."""
+    angles = positions.float()[..., None] * inv_freq.float().to(positions.device)
+    return angles.cos(), angles.sin()
+
+
+def _broadcast(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # table (L, d/2) or (B, L, d/2); x (B, L, H, d/2) -> insert the head dim.
+    return table[:, None, :] if table.dim() == 2 else table[:, :, None, :]
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Meta layout. x: (B, L, H, d); pairs (2j, 2j+1) rotate by angle j."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = _broadcast(cos, x), _broadcast(sin, x)
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GPT-NeoX rotate-half layout. x: (B, L, H, d); (j, j + d/2) rotate by angle j."""
+    xf = x.float()
+    x0, x1 = xf.chunk(2, dim=-1)
+    c, s = _broadcast(cos, x), _broadcast(sin, x)
+    return torch.cat((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).type_as(x)

@@ -1,0 +1,65 @@
+"""Llama 3 hyper-parameters and FLOP count."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from torchtitan_hyena.protocols.model import BaseModelArgs
+
+
+@dataclass
+class Llama3Args(BaseModelArgs):
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = 128256
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    max_seq_len: int = 131072
+    depth_init: bool = True
+    attention_backend: str = "sdpa"
+
+    def update_from_config(self, job_config: Any) -> None:
+        super().update_from_config(job_config)
+        m = job_config.model
+        self.attention_backend = m.attention_backend
+        if m.rope_scaling != "none":
+            self.rope_scaling = m.rope_scaling
+            self.rope_scaling_factor = m.rope_scaling_factor
+            self.rope_low_freq_factor = m.rope_low_freq_factor
+            self.rope_high_freq_factor = m.rope_high_freq_factor
+            self.rope_original_max_position = m.rope_original_max_position
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """Meta's rule: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of."""
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, float]:
+        """6 * (non-embedding params) + 12 * layers * heads * head_dim * seq_len per token (TorchTitan/PaLM)."""
+        nparams = sum(p.numel() for p in model.parameters())
+        nparams_embedding = sum(p.numel() for n, p in model.named_parameters() if "tok_embeddings" in n)
+        flops = 6 * (nparams - nparams_embedding) + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+        return nparams, float(flops)

@@ -1,0 +1,301 @@
+"""The trainer: ``python -m torchtitan_hyena.train --job.config_file X.toml [--section.key value ...]``.
+
+Readable top to bottom: build (validate -> mesh -> data -> meta model -> parallelize -> init ->
+optimizer -> checkpoint), then loop (fetch microbatches -> forward/backward -> clip -> step ->
+log -> checkpoint -> validate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from torchtitan_hyena.components.checkpoint import CheckpointManager
+from torchtitan_hyena.components.dataloader import batch_to_device
+from torchtitan_hyena.components.datasets.base import IGNORE_INDEX
+from torchtitan_hyena.components.metrics import MetricsProcessor
+from torchtitan_hyena.components.validate import Validator
+from torchtitan_hyena.config import ConfigManager, JobConfig, config_table
+from torchtitan_hyena.config.manager import to_dict
+from torchtitan_hyena.distributed.fsdp import DTYPES
+from torchtitan_hyena.distributed.parallel_dims import ParallelDims
+from torchtitan_hyena.distributed.utils import (
+    clip_grad_norm_,
+    dist_sum,
+    init_distributed,
+    local_device,
+    set_determinism,
+    set_pg_timeout,
+)
+from torchtitan_hyena.errors import ConfigError, run_cli
+from torchtitan_hyena.protocols.train_spec import get_flavor_args, get_train_spec
+from torchtitan_hyena.tools.flops import get_peak_flops
+from torchtitan_hyena.tools.logging import init_logger, logger
+from torchtitan_hyena.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
+
+warnings.filterwarnings("ignore", message=".*set_vital.*")
+
+
+class TrainState:
+    """Progress counters, checkpointed with the rest of the state."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.ntokens_seen = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "ntokens_seen": self.ntokens_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step = int(state_dict["step"])
+        self.ntokens_seen = int(state_dict["ntokens_seen"])
+
+
+class Trainer:
+    def __init__(self, job_config: JobConfig) -> None:
+        self.job_config = c = job_config
+        init_logger()
+        init_distributed(c.comm.init_timeout_seconds, c.comm.trace_buf_size)
+        self.rank = dist.get_rank()
+        world_size = dist.get_world_size()
+        p = c.parallelism
+        self.parallel_dims = pd = ParallelDims(
+            dp_replicate=p.data_parallel_replicate_degree,
+            dp_shard=p.data_parallel_shard_degree,
+            cp=p.context_parallel_degree,
+            tp=p.tensor_parallel_degree,
+            world_size=world_size,
+        )
+        self._validate_against_layout()
+        self.device = local_device()
+        if self.rank == 0 and c.job.print_config:
+            logger.info("resolved config:\n" + config_table(c))
+        pd.build_mesh(self.device.type)
+        set_determinism(c.training.seed, c.training.deterministic)
+
+        # Model spec, tokenizer, data: everything that can reject user input comes before the model.
+        self.train_spec = spec = get_train_spec(c.model.name)
+        self.model_args = get_flavor_args(spec, c.model.flavor)
+        self.model_args.update_from_config(c)
+        tokenizer = spec.build_tokenizer_fn(c)
+        if tokenizer is not None and tokenizer.vocab_size > self.model_args.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size {self.model_args.vocab_size} is smaller than the {c.training.dataset} "
+                f"vocabulary ({tokenizer.vocab_size}); set model.vocab_size >= {tokenizer.vocab_size}"
+            )
+        self.dp_degree, self.dp_rank = pd.dp_degree, pd.dp_rank()
+        t = c.training
+        self.global_batch = t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * self.dp_degree
+        data_kwargs = dict(
+            dataset=t.dataset,
+            path=t.dataset_path,
+            tokenizer=tokenizer,
+            vocab_size=self.model_args.vocab_size,
+            seq_len=t.seq_len,
+            dp_rank=self.dp_rank,
+            dp_degree=self.dp_degree,
+            seed=t.seed,
+        )
+        self.dataloader = spec.build_dataloader_fn(
+            split=t.dataset_split,
+            local_batch=t.local_batch_size,
+            global_batch=self.global_batch,
+            shuffle=t.shuffle,
+            infinite=True,
+            **data_kwargs,
+        )
+        self.validator = None
+        if c.validation.enable:
+            v_local = c.validation.local_batch_size if c.validation.local_batch_size > 0 else t.local_batch_size
+            val_loader = spec.build_dataloader_fn(
+                split=c.validation.dataset_split,
+                local_batch=v_local,
+                global_batch=v_local * self.dp_degree,
+                shuffle=False,
+                infinite=False,
+                **data_kwargs,
+            )
+            self.validator = Validator(
+                val_loader, spec.build_loss_fn(c), c.validation.steps, self.device, self._loss_group()
+            )
+
+        # Model: built on meta, converted, parallelized, then materialized and initialized.
+        with torch.device("meta"):
+            model = spec.model_cls(self.model_args)
+        self._convert_model(model)
+        self.nparams, self.flops_per_token = self.model_args.get_nparams_and_flops(model, t.seq_len)
+        logger.info(
+            f"{c.model.name} {c.model.flavor}: {self.nparams:,} parameters, "
+            f"{self.flops_per_token:.3e} training FLOPs per token"
+        )
+        model = spec.parallelize_fn(model, pd, c)
+        init_device = torch.device("cpu") if t.enable_cpu_offload else self.device
+        model.to_empty(device=init_device)
+        with torch.no_grad():
+            model.init_weights(buffer_device=self.device if t.enable_cpu_offload else None, seed=t.seed)
+        model.train()
+        self.model_parts = [model]
+
+        self.optimizers = spec.build_optimizers_fn(self.model_parts, c.optimizer)
+        self.lr_schedulers = spec.build_lr_schedulers_fn(self.optimizers, c.lr_scheduler, t.steps)
+        self.loss_fn = spec.build_loss_fn(c)
+        self.state = TrainState()
+        self.dump_folder = Path(c.job.dump_folder)
+        self.checkpointer = CheckpointManager(
+            config=c.checkpoint,
+            dump_folder=self.dump_folder,
+            model_parts=self.model_parts,
+            optimizers=self.optimizers,
+            lr_schedulers=self.lr_schedulers,
+            dataloader=self.dataloader,
+            train_state=self.state,
+            model_info=(c.model.name, c.model.flavor, self.model_args),
+            job_config_dict=to_dict(c),
+        )
+        self.metrics = MetricsProcessor(
+            dump_folder=self.dump_folder,
+            enable_tensorboard=c.metrics.enable_tensorboard,
+            tb_folder=c.metrics.save_tb_folder,
+            is_writer=self.rank == 0,
+            flops_per_token=self.flops_per_token,
+            peak_flops=get_peak_flops(self.device),
+            world_size=world_size,
+            device=self.device,
+            total_steps=t.steps,
+        )
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _validate_against_layout(self) -> None:
+        c, pd = self.job_config, self.parallel_dims
+        t = c.training
+        if t.global_batch_size > 0 and t.global_batch_size % (t.local_batch_size * pd.dp_degree):
+            raise ConfigError(
+                f"training.global_batch_size {t.global_batch_size} must be a multiple of local_batch_size "
+                f"{t.local_batch_size} x data-parallel degree {pd.dp_degree}"
+            )
+        split = pd.tp * 2 * pd.cp if pd.cp > 1 else pd.tp
+        if t.seq_len % split:
+            raise ConfigError(
+                f"training.seq_len {t.seq_len} must be divisible by {split} "
+                f"(tensor_parallel_degree {pd.tp} x 2 x context_parallel_degree {pd.cp} when CP is on)"
+            )
+        if c.float8.enable:
+            raise ConfigError("float8 training is not available in this build; set float8.enable = false")
+
+    def _convert_model(self, model: torch.nn.Module) -> None:
+        """Module swaps that must happen on the meta model before parallelization (e.g. float8)."""
+
+    def _amp(self) -> contextlib.AbstractContextManager:
+        """Autocast to the mixed-precision dtype when no FSDP wrapper does the casting (one rank, TP only)."""
+        dtype = self.job_config.training.mixed_precision_param
+        if self.parallel_dims.fsdp_mesh() is not None or dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[dtype])
+
+    def _loss_group(self) -> dist.ProcessGroup | None:
+        mesh = self.parallel_dims.get_mesh("dp_cp")
+        return None if mesh is None else mesh.get_group()
+
+    # ------------------------------------------------------------------ the loop
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self._amp():
+            return model(batch["input"])
+
+    def train_step(self, microbatches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimizer step over this rank's microbatches. Returns (global loss, grad norm, tokens)."""
+        self.optimizers.zero_grad()
+        local_tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in microbatches)
+        global_tokens = dist_sum(local_tokens.to(torch.float64), self._loss_group())
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        model = self.model_parts[0]
+        for mb in microbatches:
+            logits = self.forward(model, mb)
+            loss = self.loss_fn(logits, mb["labels"], mb.get("loss_weights")) / global_tokens.to(torch.float32)
+            del logits
+            loss.backward()
+            loss_sum += loss.detach().to(torch.float64)
+        params = [p for m in self.model_parts for p in m.parameters()]
+        grad_norm = clip_grad_norm_(params, self.job_config.training.max_norm)
+        self.checkpointer.wait_for_staging()
+        self.optimizers.step()
+        self.lr_schedulers.step()
+        return dist_sum(loss_sum, self._loss_group()), grad_norm, int(global_tokens.item())
+
+    def _seed_step(self, step: int) -> None:
+        """Per-step RNG state (dropout): a pure function of (seed, step, dp rank), so resume reproduces it."""
+        torch.manual_seed((self.job_config.training.seed * 1_000_003 + step) * 4099 + self.dp_rank)
+
+    def train(self) -> list[float]:
+        c = self.job_config
+        self.state.step = self.checkpointer.load()
+        losses: list[float] = []
+        data_iter = iter(self.dataloader)
+        accumulation = self.dataloader.accumulation_steps
+        gc.disable()
+        self.metrics.reset_timer(self.state.ntokens_seen)
+        logger.info(
+            f"training {c.model.name}/{c.model.flavor} from step {self.state.step} to {c.training.steps}: "
+            f"global batch {self.global_batch} x {c.training.seq_len} tokens, {accumulation} accumulation step(s), "
+            f"{self.dp_degree} data-parallel rank(s)"
+        )
+        with (
+            maybe_enable_profiling(c.profiling, self.dump_folder, self.state.step) as profiler,
+            maybe_enable_memory_snapshot(c.profiling, self.dump_folder, self.state.step, self.device) as snapshot,
+        ):
+            while self.state.step < c.training.steps:
+                self.state.step += 1
+                step = self.state.step
+                if step % c.training.gc_freq == 0:
+                    gc.collect(1)
+                microbatches = [batch_to_device(next(data_iter), self.device) for _ in range(accumulation)]
+                self._seed_step(step)
+                loss, grad_norm, tokens = self.train_step(microbatches)
+                self.state.ntokens_seen += tokens
+                losses.append(loss.item())
+                self.metrics.step_done()
+                if step == 1:
+                    set_pg_timeout(c.comm.train_timeout_seconds)
+                if step % c.metrics.log_freq == 0 or step == c.training.steps:
+                    self.metrics.log(
+                        step, losses[-1], grad_norm.item(), self.lr_schedulers.get_last_lr(), self.state.ntokens_seen
+                    )
+                self.checkpointer.save(step, last_step=step == c.training.steps)
+                self.checkpointer.poll()
+                if self.validator is not None and (step % c.validation.freq == 0 or step == c.training.steps):
+                    val_loss, val_tokens = self.validator.validate(self.model_parts[0], self.forward)
+                    self.metrics.log_validation(step, val_loss, val_tokens)
+                if profiler is not None:
+                    profiler.step()
+                if snapshot is not None:
+                    snapshot.step()
+        self.checkpointer.wait()
+        gc.enable()
+        logger.info(f"training done at step {self.state.step}")
+        return losses
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.metrics.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = ConfigManager().parse_args(argv)
+    trainer = None
+    try:
+        trainer = Trainer(config)
+        trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_cli(main)
