@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +37,6 @@ from torchtitan_hyena.protocols.train_spec import get_flavor_args, get_train_spe
 from torchtitan_hyena.tools.flops import get_peak_flops
 from torchtitan_hyena.tools.logging import init_logger, logger
 from torchtitan_hyena.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
-
-warnings.filterwarnings("ignore", message=".*set_vital.*")
 
 
 class TrainState:
@@ -208,7 +205,11 @@ class Trainer:
             return model(batch["input"])
 
     def train_step(self, microbatches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One optimizer step over this rank's microbatches. Returns (global loss, grad norm, tokens)."""
+        """One optimizer step over this rank's microbatches. Returns (global loss, grad norm, tokens).
+
+        The loss is a sum over tokens divided by the token count of the whole global batch, so the
+        gradient is the same however the batch is split over ranks and accumulation steps.
+        """
         self.optimizers.zero_grad()
         local_tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in microbatches)
         global_tokens = dist_sum(local_tokens.to(torch.float64), self._loss_group())
@@ -223,6 +224,7 @@ class Trainer:
         params = [p for m in self.model_parts for p in m.parameters()]
         grad_norm = clip_grad_norm_(params, self.job_config.training.max_norm)
         self.checkpointer.wait_for_staging()
+        self.last_lr = self.lr_schedulers.get_last_lr()
         self.optimizers.step()
         self.lr_schedulers.step()
         return dist_sum(loss_sum, self._loss_group()), grad_norm, int(global_tokens.item())
@@ -248,7 +250,8 @@ class Trainer:
             maybe_enable_profiling(c.profiling, self.dump_folder, self.state.step) as profiler,
             maybe_enable_memory_snapshot(c.profiling, self.dump_folder, self.state.step, self.device) as snapshot,
         ):
-            while self.state.step < c.training.steps:
+            last = c.training.steps if c.training.stop_at_step < 0 else min(c.training.stop_at_step, c.training.steps)
+            while self.state.step < last:
                 self.state.step += 1
                 step = self.state.step
                 if step % c.training.gc_freq == 0:
@@ -261,11 +264,9 @@ class Trainer:
                 self.metrics.step_done()
                 if step == 1:
                     set_pg_timeout(c.comm.train_timeout_seconds)
-                if step % c.metrics.log_freq == 0 or step == c.training.steps:
-                    self.metrics.log(
-                        step, losses[-1], grad_norm.item(), self.lr_schedulers.get_last_lr(), self.state.ntokens_seen
-                    )
-                self.checkpointer.save(step, last_step=step == c.training.steps)
+                if step % c.metrics.log_freq == 0 or step == last:
+                    self.metrics.log(step, losses[-1], grad_norm.item(), self.last_lr, self.state.ntokens_seen)
+                self.checkpointer.save(step, last_step=step == c.training.steps, force=step == last)
                 self.checkpointer.poll()
                 if self.validator is not None and (step % c.validation.freq == 0 or step == c.training.steps):
                     val_loss, val_tokens = self.validator.validate(self.model_parts[0], self.forward)

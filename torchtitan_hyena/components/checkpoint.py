@@ -206,11 +206,9 @@ class CheckpointManager:
             logger.info(f"also restored {', '.join(names) or 'nothing'} from {path}")
 
     # ------------------------------------------------------------------ save
-    def should_save(self, step: int, last_step: bool) -> bool:
-        return self.enabled and (last_step or step % self.config.interval == 0)
-
-    def save(self, step: int, last_step: bool = False) -> None:
-        if not self.should_save(step, last_step):
+    def save(self, step: int, last_step: bool = False, force: bool = False) -> None:
+        """Save at every ``interval``, at the last step, and when ``force``d (a job ending early)."""
+        if not (self.enabled and (last_step or force or step % self.config.interval == 0)):
             return
         self.wait()
         path = self.folder / f"step-{step}"
@@ -229,7 +227,7 @@ class CheckpointManager:
             state = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in state.items()}
         else:
             state.update({n: s.state_dict() for n, s in self.stateful.items()})
-        mode = self.config.async_mode if not last_step else "disabled"
+        mode = self.config.async_mode if not (last_step or force) else "disabled"
         t0 = time.perf_counter()
         if mode == "disabled":
             dcp.save(state, checkpoint_id=str(path))

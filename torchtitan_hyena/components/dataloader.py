@@ -9,6 +9,7 @@ is one integer, the number of windows consumed, so a run resumes on any number o
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +19,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from torchtitan_hyena.components.datasets.base import TokenSource, WindowDataset
 from torchtitan_hyena.errors import UserError
+
+# torchdata calls a torch API that torch itself has deprecated; the warning is not actionable here.
+warnings.filterwarnings("ignore", message=".*set_vital.*")
 
 SourceBuilder = Callable[..., TokenSource]
 _SOURCES: dict[str, SourceBuilder] = {}

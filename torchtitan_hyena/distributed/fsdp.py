@@ -50,5 +50,7 @@ def apply_fsdp(
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            # Plain SUM collectives: gloo has no PREMUL_SUM, and NCCL's zero-copy path wants SUM too.
+            module.set_force_sum_reduction_for_comms(True)
     hsdp = mesh.ndim == 2
     logger.info(f"applied {'HSDP' if hsdp else 'FSDP'} over mesh {mesh.mesh_dim_names} ({param_dtype} params)")
