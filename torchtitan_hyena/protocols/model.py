@@ -52,6 +52,8 @@ def write_model_args(folder: str | Path, model_name: str, flavor: str, args: Bas
 
 def read_model_args(folder: str | Path) -> tuple[str, str, dict[str, Any]]:
     """(model_name, flavor, args dict) from a checkpoint folder's ``model_args.json``."""
+    if not Path(folder).is_dir():
+        raise UserError(f"checkpoint folder {folder} does not exist")
     path = Path(folder) / MODEL_ARGS_FILE
     if not path.is_file():
         raise UserError(

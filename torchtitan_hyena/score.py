@@ -1,0 +1,145 @@
+"""Per-token log-likelihoods from a checkpoint.
+
+    python -m torchtitan_hyena.score --checkpoint DIR --tokens IN.jsonl --output OUT.jsonl [--dtype float32]
+
+``DIR`` is a step folder (training checkpoint or converter output) with ``model_args.json``.
+Input lines are ``{"tokens": [ids...]}``; output line i is ``{"logprobs": [...]}`` holding
+``log p(x_t | x_<t)`` for t = 1..len-1 of input line i. Sequences are batched by length and
+computed in float32 unless ``--dtype`` says otherwise; the output file appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from torchtitan_hyena.errors import UserError, run_cli
+from torchtitan_hyena.protocols.model import read_model_args
+from torchtitan_hyena.protocols.train_spec import get_train_spec
+
+# Scoring is single-process on purpose; DCP's note about it is noise here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def load_model(checkpoint: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild the model recorded in ``checkpoint/model_args.json`` and load its weights."""
+    from torchtitan_hyena.components.checkpoint import load_model_weights
+
+    path = Path(checkpoint)
+    name, _, values = read_model_args(path)
+    spec = get_train_spec(name)
+    args_cls = type(next(iter(spec.model_args.values())))
+    args = args_cls.from_dict(values)
+    with torch.device("meta"):
+        model = spec.model_cls(args)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights(buffer_device=device)
+    load_model_weights([model], path)
+    model.to(dtype)
+    return model.eval()
+
+
+def read_token_lines(path: str | Path) -> list[list[int]]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--tokens {path} does not exist")
+    sequences = []
+    with p.open() as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                tokens = json.loads(line)["tokens"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f'{path}:{lineno} is not a JSON object with a "tokens" list') from None
+            if not isinstance(tokens, list) or not all(isinstance(t, int) and t >= 0 for t in tokens):
+                raise UserError(f"{path}:{lineno}: tokens must be a list of non-negative integers")
+            sequences.append(tokens)
+    return sequences
+
+
+def batches_by_length(lengths: list[int], batch_size: int) -> Iterable[list[int]]:
+    """Indices grouped into batches of similar length (longest first), so padding stays small."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+@torch.no_grad()
+def score_sequences(
+    model: nn.Module, sequences: list[list[int]], device: torch.device, batch_size: int = 8, pad_id: int = 0
+) -> list[list[float]]:
+    """``log p(x_t | x_<t)`` for t >= 1 of every sequence. Right-padding never affects real tokens (causal)."""
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+    results: list[list[float]] = [[] for _ in sequences]
+    for idx in batches_by_length([len(s) for s in sequences], batch_size):
+        length = len(sequences[idx[0]])
+        if length < 2:
+            continue
+        batch = torch.full((len(idx), length), pad_id, dtype=torch.long)
+        for row, i in enumerate(idx):
+            batch[row, : len(sequences[i])] = torch.tensor(sequences[i])
+        if vocab is not None and int(batch.max()) >= vocab:
+            raise UserError(f"token id {int(batch.max())} is >= the model's vocab_size {vocab}")
+        batch = batch.to(device)
+        logits = model(batch[:, :-1]).float()
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, batch[:, 1:, None]).squeeze(-1).cpu()
+        for row, i in enumerate(idx):
+            results[i] = logprobs[row, : len(sequences[i]) - 1].tolist()
+    return results
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> None:
+    out = Path(path)
+    tmp = out.with_name(out.name + ".partial")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m torchtitan_hyena.score", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="step folder with model_args.json")
+    p.add_argument("--tokens", help='jsonl input, one {"tokens": [...]} per line')
+    p.add_argument("--output", required=True, help='jsonl output, one {"logprobs": [...]} per input line')
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default float32)")
+    p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    return p.parse_args(argv)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} requested but no GPU is visible; use --device cpu")
+    return device
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.tokens is None:
+        raise UserError("give the sequences to score with --tokens IN.jsonl")
+    if args.batch_size <= 0:
+        raise UserError(f"--batch_size must be positive, got {args.batch_size}")
+    sequences = read_token_lines(args.tokens)
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, device, DTYPES[args.dtype])
+    scores = score_sequences(model, sequences, device, args.batch_size)
+    write_jsonl_atomic(args.output, ({"logprobs": s} for s in scores))
+
+
+if __name__ == "__main__":
+    run_cli(main)
