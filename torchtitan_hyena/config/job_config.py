@@ -57,6 +57,17 @@ class Model:
     rope_low_freq_factor: float = opt(1.0, "Llama-3.1 RoPE low-frequency factor")
     rope_high_freq_factor: float = opt(4.0, "Llama-3.1 RoPE high-frequency factor")
     rope_original_max_position: int = opt(8192, "context length the RoPE frequencies were trained at")
+    layout: str = opt(
+        "", "hyena: layers S (SE) D (MR) H (LI) * (attention): SDH*SDH* or S:0,4;D:1,5;H:2,6;*:3,7; empty = flavor's"
+    )
+    li_filter: str = opt(
+        "", "hyena: Hyena-LI filter; empty keeps the flavor's", ("", "implicit_modal", "implicit_freeform")
+    )
+    mlp_activation: str = opt("", "hyena: evo2 = GELU in layer 0 only, gelu = GELU in every MLP", ("", "evo2", "gelu"))
+    tie_embeddings: bool = opt(True, "hyena: the output head reuses the embedding matrix (Evo 2)")
+    attention_dropout: float = opt(0.0, "hyena: dropout on attention probabilities (training only)")
+    hidden_dropout: float = opt(0.0, "hyena: dropout on mixer and MLP outputs before each residual add")
+    embedding_init_std: float = opt(-1.0, "hyena: embedding init std; -1 keeps savanna small_init sqrt(2/(5*dim))")
 
 
 @dataclass

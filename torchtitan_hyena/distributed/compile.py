@@ -8,8 +8,12 @@ from torch import nn
 from torchtitan_hyena.tools.logging import logger
 
 
-def apply_compile(layers: nn.ModuleDict, backend: str) -> None:
-    """Compile each block of ``layers`` in place (after AC wrapping, before FSDP)."""
+def apply_compile(layers: nn.ModuleDict, backend: str, fullgraph: bool = True) -> None:
+    """Compile each block of ``layers`` in place (after AC wrapping, before FSDP).
+
+    ``fullgraph=False`` lets blocks that hold a nested FSDP unit (whose hooks Dynamo cannot trace)
+    graph-break around it, as TorchTitan does for MoE experts.
+    """
     for name, block in list(layers.items()):
-        layers[name] = torch.compile(block, backend=backend, fullgraph=True)
+        layers[name] = torch.compile(block, backend=backend, fullgraph=fullgraph)
     logger.info(f"compiled {len(layers)} blocks with torch.compile (backend {backend})")

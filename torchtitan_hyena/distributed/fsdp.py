@@ -24,8 +24,12 @@ def apply_fsdp(
     cpu_offload: bool,
     units: Sequence[nn.Module | Sequence[nn.Module]],
     last_unit: Sequence[nn.Module],
+    fp32_units: Sequence[nn.Module] = (),
 ) -> None:
     """Shard ``units`` (embedding, each block), then ``last_unit`` (final norm + head), then the root.
+
+    ``fp32_units`` (e.g. Hyena-LI filters) are sharded first as their own units whose parameters are
+    gathered and reduced in fp32 whatever ``param_dtype`` is; their inputs are not cast.
 
     ``reshard_after_forward``: "default"/"always" free gathered parameters after forward,
     "never" keeps them (more memory, no re-gather in backward). The last unit reshards only
@@ -39,6 +43,9 @@ def apply_fsdp(
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     reshard = reshard_after_forward != "never"
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for module in fp32_units:
+        fully_shard(module, reshard_after_forward=reshard, **{**kwargs, "mp_policy": fp32})
     for unit in units:
         modules = [m for m in ([unit] if isinstance(unit, nn.Module) else unit) if m is not None]
         if modules:

@@ -21,15 +21,16 @@ def apply_ac_compile_fsdp(
     *,
     first_units: Sequence[nn.Module | None],
     last_unit: Sequence[nn.Module | None],
+    fp32_units: Sequence[nn.Module] = (),
 ) -> None:
     """Activation checkpointing and torch.compile per block of ``layers``, then FSDP/HSDP when data
     (or context) parallel, sharding ``first_units`` (e.g. the embedding), each (wrapped) block, then
-    ``last_unit`` (final norm + head) as one unit."""
+    ``last_unit`` (final norm + head) as one unit; ``fp32_units`` keep fp32 parameters (see apply_fsdp)."""
     ac = job_config.activation_checkpoint
     apply_ac(layers, ac.mode, ac.selective_ac_option)
-    if job_config.compile.enable and "model" in job_config.compile.components:
-        apply_compile(layers, job_config.compile.backend)
     mesh = parallel_dims.fsdp_mesh()
+    if job_config.compile.enable and "model" in job_config.compile.components:
+        apply_compile(layers, job_config.compile.backend, fullgraph=not (fp32_units and mesh is not None))
     if mesh is None:
         return
     t = job_config.training
@@ -42,4 +43,5 @@ def apply_ac_compile_fsdp(
         cpu_offload=t.enable_cpu_offload,
         units=[*first_units, *layers.values()],
         last_unit=last_unit,
+        fp32_units=fp32_units,
     )

@@ -54,3 +54,8 @@ def trunc_normal(std: float, cutoff: float = 2.0) -> InitFn:
 
 def constant(value: float) -> InitFn:
     return lambda t, g: t.fill_(value)
+
+
+def uniform(bound: float) -> InitFn:
+    """U(-bound, bound): PyTorch's default for convolutions and linear layers is bound = 1/sqrt(fan_in)."""
+    return lambda t, g: t.uniform_(-bound, bound, generator=g)

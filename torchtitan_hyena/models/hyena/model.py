@@ -1,0 +1,111 @@
+"""StripedHyena 2 (Evo 2 convolutional multi-hybrid): embedding, pre-norm blocks, final norm, tied head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchtitan_hyena.models.common.dtensor import local
+from torchtitan_hyena.models.common.init import clean_fqn, constant, init_param_, normal, uniform
+from torchtitan_hyena.models.common.mlp import GatedMLP
+from torchtitan_hyena.models.common.norm import RMSNorm
+from torchtitan_hyena.models.common.rope import rope_inv_freq, rope_tables
+from torchtitan_hyena.models.hyena.args import HyenaArgs
+from torchtitan_hyena.models.hyena.filters import HyenaFilter
+from torchtitan_hyena.models.hyena.operators import Attention, HyenaOperator
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` that also reads a tensor-parallel (replicated DTensor) weight."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, local(self.weight))
+
+
+class HyenaBlock(nn.Module):
+    """``x += mixer(pre_norm(x)); x += mlp(post_norm(x))``; the mixer is a Hyena operator or attention.
+
+    The GLU is ``w2(act(w1 x) * w3 x)`` with act = GELU in layer 0 and identity after it (Evo 2:
+    savanna switched the global activation once the first Hyena operator was built), or GELU everywhere.
+    """
+
+    def __init__(self, layer_id: int, kind: str, args: HyenaArgs) -> None:
+        super().__init__()
+        self.kind = kind
+        self.pre_norm = RMSNorm(args.dim, args.norm_eps)
+        self.mixer = Attention(args) if kind == "*" else HyenaOperator(args, kind)
+        self.post_norm = RMSNorm(args.dim, args.norm_eps)
+        gelu = layer_id == 0 or args.mlp_activation == "gelu"
+        self.mlp = GatedMLP(args.dim, args.ffn_hidden_dim, activation="gelu" if gelu else "identity")
+        self.dropout = nn.Dropout(args.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        u = self.pre_norm(x)
+        x = x + self.dropout(self.mixer(u, cos, sin) if self.kind == "*" else self.mixer(u))
+        return x + self.dropout(self.mlp(self.post_norm(x)))
+
+
+class StripedHyena(nn.Module):
+    """``forward(tokens, positions=None) -> logits``; positions (default 0..L-1) only feed RoPE.
+
+    With ``tie_embeddings`` there is no output module: logits are ``x @ tok_embeddings.weight.T``.
+    """
+
+    # Optimizer: no weight decay on the inner filters (with optimizer.decay_norms_and_embeddings = false).
+    no_weight_decay_keywords = (".mixer.filter.",)
+
+    def __init__(self, args: HyenaArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): HyenaBlock(i, kind, args) for i, kind in enumerate(args.layout)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("rope_inv_freq", rope_inv_freq(args.head_dim, args.rope_theta), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+        # Linear position interpolation (Evo 2 1M/262k checkpoints): position t becomes t / factor.
+        cos, sin = rope_tables(self.rope_inv_freq, positions.float() / self.args.rope_pi_factor)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        h = self.norm(h)
+        if self.output is None:
+            return F.linear(h, local(self.tok_embeddings.weight))
+        return self.output(h)
+
+    def init_weights(self, buffer_device: torch.device | None = None, seed: int = 0) -> None:
+        """savanna's Evo 2 init (small_init for inputs, wang_init for outputs), drawn layout-invariantly."""
+        device = buffer_device or self.rope_inv_freq.device
+        self.rope_inv_freq = rope_inv_freq(self.args.head_dim, self.args.rope_theta).to(device)
+        a = self.args
+        small = a.small_init_std
+        wang = 2 / (a.n_layers * a.dim**0.5)
+        filters = {clean_fqn(n): m for n, m in self.named_modules() if isinstance(m, HyenaFilter)}
+        for prefix, module in filters.items():
+            module.init_weights(seed, prefix)
+        for fqn, param in self.named_parameters():
+            name = clean_fqn(fqn)
+            parts = name.split(".")
+            if any(name.startswith(p + ".") for p in filters):
+                continue
+            if name == "tok_embeddings.weight":
+                fn = normal(a.embedding_init_std)
+            elif parts[-2].endswith("norm"):
+                fn = constant(1.0)
+            elif parts[-1] == "bias":
+                fn = constant(0.0)
+            elif parts[-2] in ("out_proj", "w2"):
+                fn = normal(wang)
+            elif parts[-2] == "featurizer":
+                fn = uniform(1 / a.short_filter_len**0.5)  # nn.Conv1d default, as savanna's featurizer
+            elif parts[-1] == "D":
+                fn = normal(1.0)  # Hyena's skip term: randn
+            elif parts[-2] in ("projections", "wqkv", "w1", "w3", "output"):
+                fn = normal(small)
+            else:
+                raise ValueError(f"no init rule for parameter {name}")
+            init_param_(param, fn, seed, name)
