@@ -33,6 +33,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_model(checkpoint: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild the model recorded in ``checkpoint/model_args.json`` and load its weights."""
     from torchtitan_hyena.components.checkpoint import load_model_weights
+    from torchtitan_hyena.models.common.precision import cast_model_
 
     path = Path(checkpoint)
     name, _, values = read_model_args(path)
@@ -45,7 +46,7 @@ def load_model(checkpoint: str | Path, device: torch.device, dtype: torch.dtype 
     with torch.no_grad():
         model.init_weights(buffer_device=device)
     load_model_weights([model], path)
-    model.to(dtype)
+    cast_model_(model, dtype)  # modules marked keep_fp32_params (Hyena-LI filters) stay fp32
     return model.eval()
 
 

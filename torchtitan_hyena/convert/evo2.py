@@ -263,15 +263,14 @@ def vortex_to_model(state: dict[str, Any], args: HyenaArgs, source: str) -> dict
     if not any(k.startswith("blocks.") for k in tensors):
         raise UserError(f"{source} is not a vortex state dict (no blocks.* tensors); is it an Evo 2 checkpoint?")
     seen = infer_layout(list(tensors))
-    if seen != args.layout:
-        raise UserError(f"{source} has layers {seen} but the config describes {args.layout}; use the matching --config")
+    layers = f"the weights' layers read {seen}, the config's {args.layout}"
     rows = schema(args)
     missing = [key for key, *_ in rows if key not in tensors]
     if missing:
-        raise UserError(
-            f"{source} lacks {len(missing)} tensor(s) the config needs (first: {missing[0]}); "
-            "the file is incomplete or for another model"
-        )
+        hint = f"; {layers}" if seen != args.layout else "; the file is incomplete or for another model"
+        raise UserError(f"{source} lacks {len(missing)} tensor(s) the config needs (first: {missing[0]}){hint}")
+    if seen != args.layout:
+        raise UserError(f"{source} does not match the config: {layers}; use the matching --config")
     for key, shape, *_ in rows:
         if tuple(tensors[key].shape) != shape:
             raise UserError(
@@ -370,10 +369,10 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         return checkpoint_files(p / candidates[0])
     m = re.match(r"^(.*\.pt)\.part\d+$", p.name)
     stem = p.with_name(m.group(1)) if m else p
-    if stem.is_file():
-        return [stem]
     if not stem.name.endswith(".pt"):
         raise UserError(f"--input {path} is not a .pt checkpoint, .pt.part0..N shards or a folder holding them")
+    if stem.is_file():
+        return [stem]
     shards = {int(q.name.rsplit(".part", 1)[1]): q for q in stem.parent.glob(stem.name + ".part*") if q.is_file()}
     shards = {k: v for k, v in shards.items() if re.match(rf"^{re.escape(stem.name)}\.part\d+$", v.name)}
     if not shards:
