@@ -4,11 +4,13 @@ Evo 2 checkpoint, and FSDP, TP and FSDP x TP runs match one process."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY, assert_losses_close, run_cli, torchrun_losses
+from tests.conftest import REPO, TINY, assert_losses_close, env, run_cli, torchrun_losses
 from torchtitan_hyena.convert import evo2
 from torchtitan_hyena.models.hyena import hyena_flavors
 from torchtitan_hyena.models.hyena.model import StripedHyena
@@ -82,3 +84,40 @@ def test_fsdp_tp_and_2d_match_one_process(tmp_path):
     assert single[-1] < single[0]
     for losses in (fsdp, tp, fsdp_tp):
         assert_losses_close(losses, single, rtol=1e-5)
+
+
+FSDP_PRECISION_SCRIPT = """
+import json, torch
+from torch.distributed.device_mesh import init_device_mesh
+from torchtitan_hyena.distributed.fsdp import apply_fsdp
+from torchtitan_hyena.distributed.utils import init_distributed
+from torchtitan_hyena.models.common.precision import fp32_modules
+from torchtitan_hyena.models.hyena.args import HyenaArgs
+from torchtitan_hyena.models.hyena.model import StripedHyena
+
+init_distributed(60)
+args = HyenaArgs(dim=32, layout="SDH*", n_heads=2, ffn_hidden_dim=48, filter_groups=4, vocab_size=64)
+with torch.device("meta"):
+    model = StripedHyena(args)
+apply_fsdp(model, init_device_mesh("cpu", (1,)), param_dtype="bfloat16", reduce_dtype="float32",
+           reshard_after_forward="default", cpu_offload=False, units=list(model.layers.values()), last_unit=[],
+           fp32_units=fp32_modules(model))
+model.to_empty(device="cpu")
+model.init_weights(seed=0)
+seen = {}
+mixer = model.layers["2"].mixer
+mixer.filter.register_forward_pre_hook(lambda m, a: seen.update(li=str(m.p.dtype), q=str(a[0].dtype)))
+mixer.projections.register_forward_pre_hook(lambda m, a: seen.update(proj=str(m.weight.dtype)))
+model(torch.randint(0, 64, (2, 16))).float().sum().backward()
+seen["grad"] = str(mixer.filter.p.grad.dtype)
+print(json.dumps(seen))
+"""
+
+
+def test_fsdp_bf16_keeps_li_filters_fp32():
+    proc = subprocess.run([sys.executable, "-c", FSDP_PRECISION_SCRIPT], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    # LI poles/residues gathered in fp32, activations not cast up, the rest of the block in bf16.
+    assert seen == {"li": "torch.float32", "q": "torch.bfloat16", "proj": "torch.bfloat16", "grad": "torch.float32"}
