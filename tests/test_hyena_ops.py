@@ -165,6 +165,14 @@ def test_modal_fft_conv_equals_recurrent_form():
         assert torch.allclose(y[0, t].double(), want, atol=1e-5), t
 
 
+def test_modal_basis_matches_direct_exponentials_at_long_length():
+    a = -torch.logspace(-6, 0, 9, dtype=torch.float64)
+    got = fftconv.modal_basis(a.float(), 100_003).double()
+    want = torch.exp(a[:, None] * torch.arange(100_003, dtype=torch.float64))
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=2e-5, atol=1e-30)
+
+
 def test_fft_conv_keeps_dtype_and_computes_in_fp32():
     q, k, v = (t.detach() for t in qkv())
     log_poles, residues, skip = -torch.rand(6, 16) * 0.1, torch.randn(6, 16), torch.randn(6)
