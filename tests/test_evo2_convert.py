@@ -287,3 +287,15 @@ def test_cli_prints_one_line_error(tmp_path, vortex):
                   "--output_dir", str(tmp_path / "o"))  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert proc.stderr.startswith("error: --input") and not (tmp_path / "o").exists()
+
+
+def test_export_errors(tmp_path):
+    with pytest.raises(UserError, match="must end in .pt"):
+        evo2.convert_dcp_to_evo2(tmp_path, tmp_path / "model.bin")
+    with pytest.raises(UserError, match="does not exist"):
+        evo2.convert_dcp_to_evo2(tmp_path / "missing", tmp_path / "model.pt")
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "model_args.json").write_text(json.dumps({"model_name": "llama3", "args": {}}))
+    with pytest.raises(UserError, match="exports hyena checkpoints only"):
+        evo2.convert_dcp_to_evo2(tmp_path / "llama", tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()

@@ -30,6 +30,16 @@ def tiny_model(**kw) -> StripedHyena:
     return model
 
 
+def test_hyena_registered_with_evo2_flavors():
+    from torchtitan_hyena.protocols.train_spec import get_train_spec
+
+    spec = get_train_spec("hyena")
+    assert spec.model_cls is StripedHyena
+    want = {"debugmodel", "evo2_1b", "evo2_7b", "evo2_7b_1m", "evo2_20b", "evo2_40b", "evo2_40b_1m"}
+    assert want | {"neural_pile_hybrid_8b"} <= set(spec.model_args)
+    assert set(hyena_flavors["debugmodel"].layout) == set("SDH*")
+
+
 def test_layout_strings_and_index_lists():
     assert parse_layout("SDH*SDH*") == "SDH*SDH*"
     assert parse_layout("S:0,4; D:1,5; H:2,6; *:3,7") == "SDH*SDH*"
