@@ -220,10 +220,12 @@ def test_config_overrides_and_validation():
     from torchtitan_hyena.config import ConfigManager
 
     c = ConfigManager().parse_args(["--model.layout", "S:0;*:1", "--model.mlp_activation", "gelu",
-                                    "--training.seq_len", "4096", "--model.hidden_dropout", "0.1"])  # fmt: skip
+                                    "--training.seq_len", "4096", "--model.hidden_dropout", "0.1",
+                                    "--model.rope_pi_factor", "8", "--model.rope_theta", "1e6"])  # fmt: skip
     args = copy.deepcopy(hyena_flavors["debugmodel"])
     args.update_from_config(c)
     assert (args.layout, args.n_layers, args.mlp_activation, args.max_seq_len) == ("S*", 2, "gelu", 4096)
+    assert (args.rope_pi_factor, args.rope_theta, args.hidden_dropout) == (8.0, 1e6, 0.1)
     c = ConfigManager().parse_args(["--model.hidden_dropout", "1.5"])
     with pytest.raises(ConfigError, match="hidden_dropout"):
         args.update_from_config(c)

@@ -134,6 +134,10 @@ class HyenaArgs(BaseModelArgs):
             self.mlp_activation = m.mlp_activation
         if m.embedding_init_std > 0:
             self.embedding_init_std = m.embedding_init_std
+        if m.rope_theta > 0:
+            self.rope_theta = m.rope_theta
+        if m.rope_pi_factor > 0:
+            self.rope_pi_factor = m.rope_pi_factor
         self.tie_embeddings = m.tie_embeddings
         self.attention_dropout = m.attention_dropout
         self.hidden_dropout = m.hidden_dropout
