@@ -23,8 +23,8 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -432,6 +432,20 @@ def _check_against_model(model_sd: dict[str, torch.Tensor], args: HyenaArgs) -> 
         raise RuntimeError(f"evo2 conversion schema out of sync with the model: {diff}")
 
 
+@contextmanager
+def _output_parent(path: Path) -> Iterator[None]:
+    """Create the missing parent folders of ``path``; remove them again if the block fails."""
+    missing = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for p in missing:  # innermost first
+            with suppress(OSError):
+                p.rmdir()
+        raise
+
+
 def convert_evo2_to_dcp(input_path: str | Path, config: str, output_dir: str | Path) -> Path:
     """vortex checkpoint -> DCP folder with ``model_args.json``; nothing is left behind on failure."""
     import torch.distributed.checkpoint as dcp
@@ -439,20 +453,20 @@ def convert_evo2_to_dcp(input_path: str | Path, config: str, output_dir: str | P
     out = Path(output_dir)
     _fresh_output(out)
     args, flavor = load_config(config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        with open_state_dict(input_path, out.parent) as (state, source):
-            model_sd = vortex_to_model(state, args, source)
-        _check_against_model(model_sd, args)
-        dcp.save(model_sd, checkpoint_id=str(tmp))
-        write_model_args(tmp, "hyena", flavor, args)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _output_parent(out):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            with open_state_dict(input_path, out.parent) as (state, source):
+                model_sd = vortex_to_model(state, args, source)
+            _check_against_model(model_sd, args)
+            dcp.save(model_sd, checkpoint_id=str(tmp))
+            write_model_args(tmp, "hyena", flavor, args)
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     n = sum(t.numel() for t in model_sd.values())
     logger.info(f"wrote {out} ({len(model_sd)} tensors, {n:,} parameters, {args.n_layers} layers {args.layout})")
     return out
@@ -460,6 +474,8 @@ def convert_evo2_to_dcp(input_path: str | Path, config: str, output_dir: str | P
 
 def convert_dcp_to_evo2(input_dir: str | Path, output: str | Path, dtype: str = "bfloat16", yaml_out: str = "") -> Path:
     """DCP folder (training step or converter output) -> vortex ``.pt`` (+ optional vortex YAML)."""
+    import yaml
+
     from torchtitan_hyena.components.checkpoint import load_model_weights
     from torchtitan_hyena.models.hyena.model import StripedHyena
 
@@ -473,30 +489,32 @@ def convert_dcp_to_evo2(input_dir: str | Path, output: str | Path, dtype: str = 
     if name != "hyena":
         raise UserError(f"{input_dir} holds a {name!r} model; dcp_to_evo2 exports hyena checkpoints only")
     args = HyenaArgs.from_dict(values)
-    vortex_config_from_args(args)
+    text = yaml.safe_dump(vortex_config_from_args(args), sort_keys=False)
     with torch.device("meta"):
         model = StripedHyena(args)
     model.to_empty(device="cpu")
     load_model_weights([model], Path(input_dir))
     dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
     state = model_to_vortex(model.state_dict(), args, dtypes[dtype])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, lambda f: torch.save(state, f))
+    writes = [(out, lambda f: torch.save(state, f))]
     if yaml_out:
-        import yaml
-
-        text = yaml.safe_dump(vortex_config_from_args(args), sort_keys=False)
-        _atomic_write(Path(yaml_out), lambda f: f.write(text.encode()))
+        writes.append((Path(yaml_out), lambda f: f.write(text.encode())))
+    with _output_parent(out):
+        _atomic_writes(writes)
     logger.info(f"wrote {out} ({len(state)} tensors, {dtype}; LI filters and inv_freq fp32)")
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+def _atomic_writes(writes: list[tuple[Path, Callable[[Any], Any]]]) -> None:
+    """Write every file under a temporary name, then rename them all: all files appear or none."""
+    temps = [path.with_name(f".{path.name}.partial-{os.getpid()}") for path, _ in writes]
     try:
-        with tmp.open("wb") as f:
-            write(f)
-        os.replace(tmp, path)
+        for tmp, (_, write) in zip(temps, writes):
+            with tmp.open("wb") as f:
+                write(f)
+        for tmp, (path, _) in zip(temps, writes):
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
         raise
