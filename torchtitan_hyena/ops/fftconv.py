@@ -81,7 +81,7 @@ def _run_forward(q: Tensor, k: Tensor, v: Tensor, skip: Tensor, filter_block) ->
 
 
 def _run_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, skip: Tensor, filter_block, filter_grad_block):
-    """Input gradients (dq, dk, dv, dskip); ``filter_grad_block(sl, h, dh)`` consumes each block's dh."""
+    """Input gradients (dq, dk, dv, dskip); ``filter_grad_block(sl, dh)`` consumes each block's filter gradient."""
     batch, length, channels = q.shape
     n = 2 * length
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -106,7 +106,7 @@ def _run_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, skip: Tensor, f
         dv[..., sl] = (ds * kb).transpose(1, 2).to(dv.dtype)
         del ds, H
         dh = torch.fft.irfft((GP * S.conj()).sum(0), n=n)[..., :length]
-        filter_grad_block(sl, h, dh)
+        filter_grad_block(sl, dh)
     return dq, dk, dv, dskip.to(skip.dtype)
 
 
@@ -127,7 +127,7 @@ def _gated_fft_conv_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, h: T
     length = q.shape[1]
     dh = torch.zeros(h.shape, device=h.device, dtype=torch.float32)
 
-    def take(sl, _h, dh_block):
+    def take(sl, dh_block):
         dh[sl, :length] = dh_block
 
     dq, dk, dv, dskip = _run_backward(grad, q, k, v, skip, lambda sl: h[sl, :length].float(), take)
@@ -179,7 +179,7 @@ def _gated_modal_fft_conv_backward(
     d_log_poles = torch.empty(log_poles.shape, device=q.device, dtype=torch.float32)
     d_residues = torch.empty(residues.shape, device=q.device, dtype=torch.float32)
 
-    def take(sl, _h, dh):
+    def take(sl, dh):
         # h = sum_n R_n exp(a_n t): dR_n = sum_t dh e_n(t), da_n = R_n sum_t dh t e_n(t).
         lp, res = log_poles[sl].float(), residues[sl].float()
         for n in range(lp.shape[1]):
