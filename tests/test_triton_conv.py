@@ -23,7 +23,16 @@ if not tc.INTERPRETED and not torch.cuda.is_available():
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 DEVICE = torch.device("cpu" if tc.INTERPRETED else "cuda")
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _full_precision_reference():
+    """cuDNN convolutions default to TF32 on GPUs; fp32 comparisons need full-precision references."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
 
 
 def _randn(*shape: int, scale: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -121,6 +130,27 @@ def test_bf16_inputs_and_filters(K):
 
 def test_fp32_filter_with_bf16_activations():
     _check_gated(1, 40, 16, 1, 7, False, True, dtype=torch.bfloat16, filter_dtype=torch.float32)
+
+
+def test_fp16_inputs():
+    _check_gated(1, 40, 16, 1, 7, False, True, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("K", [3, 7, 40])
+def test_expanded_upstream_gradient(K):
+    """``y.sum().backward()`` hands the kernels a stride-0 (expanded) gradient."""
+    torch.manual_seed(K)
+    q, k, v = (_randn(1, 45, 16) for _ in range(3))
+    h, skip = _randn(2, K, scale=K**-0.5), _randn(16)
+
+    def grads(fn, inputs):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        fn(*leaves, K > 16).sum().backward()
+        return [t.grad for t in leaves]
+
+    actual = grads(tc.gated_causal_conv, [q, k, v, h, skip])
+    expected = grads(conv.gated_causal_conv_reference, _on_cpu([q, k, v, h, skip]))
+    _assert_matches(actual, expected, TOL[torch.float32])
 
 
 def test_gradcheck_float64():

@@ -77,7 +77,7 @@ def _config(meta: dict, num_warps: int, num_stages: int, **options: int) -> trit
 def _direct(target: Target, max_block_d: int, chunk: int) -> list[triton.Config]:
     if target.backend == "interpreter":
         return [_config({"BLOCK_T": 64, "BLOCK_D": 32}, 4, 1)]
-    tiles = [(64, 64), (64, 128), (128, 64), (128, 128)]
+    tiles = [(32, 128), (64, 64), (64, 128), (128, 64)]  # (BLOCK_T, BLOCK_D); backward keeps ~10 such tiles live
     if target.backend == "hip":
         return [
             _config({"BLOCK_T": t, "BLOCK_D": d}, w, 1, waves_per_eu=wpe)
