@@ -254,6 +254,28 @@ def test_compiled_hyena_block_trains_like_torch():
         assert abs(a - e) <= 1e-5 * abs(e), f"step {step}: {a} vs {e}"
 
 
+def test_compile_does_not_trace_the_device_query(monkeypatch):
+    """The kernel choice queries the Triton driver, which Dynamo cannot trace: it must be evaluated, not traced,
+    or fullgraph compilation of an MR block fails on GPUs."""
+    from torchtitan_hyena.ops import triton_backend as tb
+    from torchtitan_hyena.ops import triton_toeplitz as tt
+
+    target = tb.detect_target(tc.INTERPRETED)
+
+    def untraceable_detect(interpreted: bool) -> tb.Target:
+        torch._dynamo.graph_break()
+        return target
+
+    monkeypatch.setattr(tb, "detect_target", untraceable_detect)
+    monkeypatch.setattr(tt, "_PASS", tb.TunedKernel(tt._pass_kernel, "toeplitz", key=tt._PASS.key))
+    monkeypatch.setattr(tt, "_FILTER_GRAD", tb.TunedKernel(tt._filter_grad_kernel, "filter_grad", key=["DG"]))
+    torch._dynamo.reset()
+    q, k, v = (_randn(1, 20, 16) for _ in range(3))
+    h = _randn(1, 40, scale=0.2)
+    fn = torch.compile(lambda *a: tc.gated_causal_conv(*a, None, True), backend="eager", fullgraph=True)
+    _assert_matches([fn(q, k, v, h)], [conv.gated_causal_conv_reference(*_on_cpu([q, k, v, h]), None, True)], 1e-5)
+
+
 def test_dtensor_sharding_one_rank_mesh():
     """DTensor inputs sharded by batch or by channel (filters sharded with their channels) reach the local
     kernels through the registered sharding rules, forward and backward."""

@@ -51,12 +51,15 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.torchtitan_hyena.triton_causal_conv(x, weight)
 
 
-def _fallback_reason(q: torch.Tensor, taps: int) -> str | None:
-    if taps <= MAX_DIRECT_TAPS or toeplitz_supported(q.dtype, taps):
+@torch.compiler.assume_constant_result
+def _fallback_reason(dtype: torch.dtype, taps: int) -> str | None:
+    """Why no kernel serves this filter (None: one does). Evaluated, not traced, by torch.compile: it asks the
+    Triton driver for the device."""
+    if taps <= MAX_DIRECT_TAPS or toeplitz_supported(dtype, taps):
         return None
     if taps > 129:
         return f"{taps}-tap filters exceed the two-pass Toeplitz kernel's 129 taps"
-    return f"no Toeplitz kernel configuration fits this device for {q.dtype} inputs"
+    return f"no Toeplitz kernel configuration fits this device for {dtype} inputs"
 
 
 def gated_causal_conv(
@@ -72,7 +75,7 @@ def gated_causal_conv(
     if skip is not None and skip.shape != (channels,):
         raise ValueError(f"skip must be ({channels},); got {tuple(skip.shape)}")
     _check_device(q)
-    reason = _fallback_reason(q, h.shape[1])
+    reason = _fallback_reason(q.dtype, h.shape[1])
     if reason is not None:
         if reason not in _warned and not torch.compiler.is_compiling():
             logger.warning(f"triton conv: {reason}; using the torch reference")
