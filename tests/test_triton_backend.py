@@ -8,6 +8,8 @@ compiler accepts.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import types
 
 import pytest
@@ -16,6 +18,7 @@ pytest.importorskip("triton")
 
 import triton
 
+from tests.conftest import REPO, env
 from torchtitan_hyena.ops import triton_backend as tb
 
 HIP_TARGETS = [tb.Target("hip", "gfx90a", 64), tb.Target("hip", "gfx942", 64)]
@@ -112,3 +115,22 @@ def test_fp32_mr_on_amd_falls_back_to_the_reference(monkeypatch):
     assert tc._fallback_reason(torch.bfloat16, 128) is None
     assert tc._fallback_reason(torch.float32, 7) is None
     assert "129 taps" in tc._fallback_reason(torch.bfloat16, 130)
+
+
+@pytest.mark.parametrize("target, first", [("gfx90a", False), ("sm90", True)])
+def test_kernels_compile_for_gpu_targets(target, first):
+    """Compile without a GPU, as the JIT would on the device: every MI250X configuration (and the default CUDA
+    one) must compile, stay within 64 KB of LDS and its LDS estimate, and not spill registers."""
+    e = env()
+    e.pop("TRITON_INTERPRET", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torchtitan_hyena.ops.triton_aot",
+        "--targets",
+        target,
+        *(["--first"] if first else []),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.stdout.count(f"{target} ") >= (4 if first else 20)

@@ -53,17 +53,18 @@ def _direct_fwd_kernel(
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     h_row = h_ptr + (offs_d // DG) * shg
 
-    s0 = _load_rows(v_ptr, b, rows, offs_d, mask_d, L, svb, svl, svd, ACC)
+    tap0 = _tap(h_row, 0, mask_d, shk, K, LAG_ORDER, ACC)
+    if HAS_SKIP:  # the D term acts like an extra lag-0 tap
+        tap0 += tl.load(skip_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    acc = _load_rows(v_ptr, b, rows, offs_d, mask_d, L, svb, svl, svd, ACC)
     if GATED:
-        s0 *= _load_rows(k_ptr, b, rows, offs_d, mask_d, L, skb, skl, skd, ACC)
-    acc = _tap(h_row, 0, mask_d, shk, K, LAG_ORDER, ACC)[None, :] * s0
-    for j in tl.static_range(1, K):
+        acc *= _load_rows(k_ptr, b, rows, offs_d, mask_d, L, skb, skl, skd, ACC)
+    acc *= tap0[None, :]
+    for j in range(1, K):  # a runtime loop: unrolled, every shifted load is hoisted and registers spill
         s = _load_rows(v_ptr, b, rows - j, offs_d, mask_d, L, svb, svl, svd, ACC)
         if GATED:
             s *= _load_rows(k_ptr, b, rows - j, offs_d, mask_d, L, skb, skl, skd, ACC)
         acc += _tap(h_row, j, mask_d, shk, K, LAG_ORDER, ACC)[None, :] * s
-    if HAS_SKIP:
-        acc += tl.load(skip_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)[None, :] * s0
     if GATED:
         acc *= _load_rows(q_ptr, b, rows, offs_d, mask_d, L, sqb, sql, sqd, ACC)
     _store_rows(y_ptr, acc, b, rows, offs_d, mask_d, L, syb, syl, syd)
@@ -88,46 +89,46 @@ def _direct_bwd_kernel(
     lags = tl.arange(0, BLOCK_K)
     dh_acc = tl.zeros((BLOCK_K, BLOCK_D), ACC)
     dskip_acc = tl.zeros((BLOCK_D,), ACC)
-    if HAS_SKIP:
-        skip = tl.load(skip_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    tap0 = _tap(h_row, 0, mask_d, shk, K, LAG_ORDER, ACC)
+    if HAS_SKIP:  # the D term acts like an extra lag-0 tap
+        tap0 += tl.load(skip_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
 
     start = split * rows_per_split
     for t0 in range(start, tl.minimum(start + rows_per_split, L), BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
-        dy = _load_rows(dy_ptr, b, rows, offs_d, mask_d, L, sdyb, sdyl, sdyd, ACC)
-        v0 = _load_rows(v_ptr, b, rows, offs_d, mask_d, L, svb, svl, svd, ACC)
+        # Only g and the running sums stay live; tiles needed again later are re-read (cache hits) rather than
+        # kept in registers, and the tap loops run at runtime: unrolled, the compiler hoists every load and spills.
+        g = _load_rows(dy_ptr, b, rows, offs_d, mask_d, L, sdyb, sdyl, sdyd, ACC)
+        s0 = _load_rows(v_ptr, b, rows, offs_d, mask_d, L, svb, svl, svd, ACC)
         if GATED:
-            q0 = _load_rows(q_ptr, b, rows, offs_d, mask_d, L, sqb, sql, sqd, ACC)
-            k0 = _load_rows(k_ptr, b, rows, offs_d, mask_d, L, skb, skl, skd, ACC)
-            g = dy * q0
-            s0 = k0 * v0
-        else:
-            g = dy
-            s0 = v0
-        # conv(s) for dq and the filter gradient, from the past rows t - j
-        tap = _tap(h_row, 0, mask_d, shk, K, LAG_ORDER, ACC)
-        u = tap[None, :] * s0
-        dh_acc += tl.where(lags[:, None] == 0, tl.sum(g * s0, axis=0)[None, :], 0.0)
-        for j in tl.static_range(1, K):
+            g *= _load_rows(q_ptr, b, rows, offs_d, mask_d, L, sqb, sql, sqd, ACC)
+            s0 *= _load_rows(k_ptr, b, rows, offs_d, mask_d, L, skb, skl, skd, ACC)
+        # Phase 1, past rows t - j: u = conv(s) + skip * s for dq, and the filter gradient.
+        gs0 = tl.sum(g * s0, axis=0)
+        dh_acc += tl.where(lags[:, None] == 0, gs0[None, :], 0.0)
+        if HAS_SKIP:
+            dskip_acc += gs0
+        u = tap0[None, :] * s0
+        for j in range(1, K):
             s = _load_rows(v_ptr, b, rows - j, offs_d, mask_d, L, svb, svl, svd, ACC)
             if GATED:
                 s *= _load_rows(k_ptr, b, rows - j, offs_d, mask_d, L, skb, skl, skd, ACC)
             u += _tap(h_row, j, mask_d, shk, K, LAG_ORDER, ACC)[None, :] * s
             dh_acc += tl.where(lags[:, None] == j, tl.sum(g * s, axis=0)[None, :], 0.0)
-        # the transposed conv of g, from the future rows t + j
-        ds = tap[None, :] * g
-        for j in tl.static_range(1, K):
+        if GATED:
+            dy = _load_rows(dy_ptr, b, rows, offs_d, mask_d, L, sdyb, sdyl, sdyd, ACC)
+            _store_rows(dq_ptr, dy * u, b, rows, offs_d, mask_d, L, sob, sol, sod)
+        # Phase 2, future rows t + j: ds = conv^T(g) + skip * g.
+        ds = tap0[None, :] * g
+        for j in range(1, K):
             gj = _load_rows(dy_ptr, b, rows + j, offs_d, mask_d, L, sdyb, sdyl, sdyd, ACC)
             if GATED:
                 gj *= _load_rows(q_ptr, b, rows + j, offs_d, mask_d, L, sqb, sql, sqd, ACC)
             ds += _tap(h_row, j, mask_d, shk, K, LAG_ORDER, ACC)[None, :] * gj
-        if HAS_SKIP:
-            u += skip[None, :] * s0
-            ds += skip[None, :] * g
-            dskip_acc += tl.sum(g * s0, axis=0)
         if GATED:
-            _store_rows(dq_ptr, dy * u, b, rows, offs_d, mask_d, L, sob, sol, sod)
+            v0 = _load_rows(v_ptr, b, rows, offs_d, mask_d, L, svb, svl, svd, ACC)
             _store_rows(dk_ptr, ds * v0, b, rows, offs_d, mask_d, L, sob, sol, sod)
+            k0 = _load_rows(k_ptr, b, rows, offs_d, mask_d, L, skb, skl, skd, ACC)
             _store_rows(dv_ptr, ds * k0, b, rows, offs_d, mask_d, L, sob, sol, sod)
         else:
             _store_rows(dv_ptr, ds, b, rows, offs_d, mask_d, L, sob, sol, sod)
