@@ -118,7 +118,7 @@ def check(targets: list[str], dtype: torch.dtype, first_only: bool) -> list[str]
         ttarget = tb.Target(target.backend, target.arch, target.warp_size)
         for variant in variants(dtype):
             chunk = variant.constexprs.get("CHUNK", tb.MAX_CHUNK)
-            configs = tb.kernel_configs(variant.kind, ttarget, op_bytes, max_block_d=32, chunk=chunk)
+            configs = tb.kernel_configs(variant.kind, ttarget, op_bytes, max_block_d=64, chunk=chunk)
             _, estimate = tb.CONFIG_BUILDERS[variant.kind]
             for config in configs[:1] if first_only else configs:
                 label = f"{target_name} {variant.name} {config}"

@@ -90,7 +90,7 @@ def _direct(target: Target, max_block_d: int, chunk: int) -> list[triton.Config]
 def _toeplitz(target: Target, max_block_d: int, chunk: int) -> list[triton.Config]:
     if target.backend == "interpreter":
         return [_config({"BLOCK_D": max(16, min(max_block_d, 32))}, 4, 1)]
-    blocks = [d for d in (16, 32, 64) if d <= max(16, max_block_d)]
+    blocks = [d for d in (16, 32) if d <= max(16, max_block_d)]  # 64 channels spill registers on sm80/sm90
     if target.backend == "hip":  # 32 x 32 MFMA with 8 warps spills
         return [
             _config({"BLOCK_D": d}, w, 1, waves_per_eu=0, matrix_instr_nonkdim=nk)
@@ -98,7 +98,7 @@ def _toeplitz(target: Target, max_block_d: int, chunk: int) -> list[triton.Confi
             for w, nk in [(4, 16), (8, 16), (4, 32)]
             if nk <= d
         ]
-    return [_config({"BLOCK_D": d}, w, s) for d in blocks for w in (4, 8) for s in (2, 3)]
+    return [_config({"BLOCK_D": d}, w, s) for d in blocks for w, s in [(4, 2), (8, 2), (8, 3)]]
 
 
 def _filter_grad(target: Target, max_block_d: int, chunk: int) -> list[triton.Config]:
@@ -113,10 +113,7 @@ def _filter_grad(target: Target, max_block_d: int, chunk: int) -> list[triton.Co
             for d in blocks
             for w in (4, 8)
         ]
-    # 4 warps only for the smallest tile: larger ones spill on sm90
-    return [
-        _config({"ROWS": r, "BLOCK_D": d}, w, 2) for r in rows for d in blocks for w in (4, 8) if w == 8 or r * d <= 512
-    ]
+    return [_config({"ROWS": r, "BLOCK_D": d}, 8, 2) for r in rows for d in blocks]  # 4 warps spill on sm90
 
 
 CONFIG_BUILDERS: dict[str, tuple[Callable[..., list[triton.Config]], Callable[..., int]]] = {

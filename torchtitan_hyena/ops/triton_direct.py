@@ -94,8 +94,8 @@ def _direct_bwd_kernel(
         tap0 += tl.load(skip_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
 
     start = split * rows_per_split
-    for t0 in range(start, tl.minimum(start + rows_per_split, L), BLOCK_T):
-        rows = t0 + tl.arange(0, BLOCK_T)
+    for t0 in range(0, rows_per_split, BLOCK_T):  # bounds from arguments only (triton 3.6's interpreter)
+        rows = start + t0 + tl.arange(0, BLOCK_T)
         # Only g and the running sums stay live; tiles needed again later are re-read (cache hits) rather than
         # kept in registers, and the tap loops run at runtime: unrolled, the compiler hoists every load and spills.
         g = _load_rows(dy_ptr, b, rows, offs_d, mask_d, L, sdyb, sdyl, sdyd, ACC)

@@ -84,12 +84,11 @@ def _pass_kernel(
     dskip_acc = tl.zeros((BLOCK_D,), ACC)
 
     n0 = split * chunks_per_split
-    n1 = tl.minimum(n0 + chunks_per_split, tl.cdiv(L, CHUNK))
     t = n0 * CHUNK - CHUNK + tl.arange(0, CHUNK)
     rows = L - 1 - t if REVERSE else t
     prev = _rows_tile(a_ptr, b, rows, offs_d, mask_d, L, sab, sal, sad, ACC)
     prev *= _rows_tile(b_ptr, b, rows, offs_d, mask_d, L, sbb, sbl, sbd, ACC)
-    for n in range(n0, n1):
+    for n in range(n0, n0 + chunks_per_split):  # chunks past the end are masked out
         t = n * CHUNK + tl.arange(0, CHUNK)
         rows = L - 1 - t if REVERSE else t
         cur = _rows_tile(a_ptr, b, rows, offs_d, mask_d, L, sab, sal, sad, ACC)
@@ -126,7 +125,6 @@ def _filter_grad_kernel(
     b = pid_bs // n_split
     split = pid_bs % n_split
     n0 = split * chunks_per_split
-    n1 = tl.minimum(n0 + chunks_per_split, tl.cdiv(L, CHUNK))
     p0 = tl.zeros((ROWS, CHUNK), ACC)
     p1 = tl.zeros((ROWS, CHUNK), ACC)
     for d0 in range(0, DG, BLOCK_D):
@@ -136,7 +134,7 @@ def _filter_grad_kernel(
         cols = n0 * CHUNK - CHUNK + tl.arange(0, CHUNK)
         prev = _rows_tile_t(k_ptr, b, cols, offs_d, mask_d, L, skb, skl, skd, ACC)
         prev *= _rows_tile_t(v_ptr, b, cols, offs_d, mask_d, L, svb, svl, svd, ACC)
-        for n in range(n0, n1):
+        for n in range(n0, n0 + chunks_per_split):  # chunks past the end read as zeros
             rows = n * CHUNK + pid_r * ROWS + tl.arange(0, ROWS)
             g = _rows_tile(q_ptr, b, rows, offs_d, mask_d, L, sqb, sql, sqd, ACC)
             g *= _rows_tile(dy_ptr, b, rows, offs_d, mask_d, L, syb, syl, syd, ACC)
