@@ -163,6 +163,7 @@ def main() -> None:
                     row = measure(name, impl, args.batch, L, args.dim, dtype, device, bench)
                 except torch.OutOfMemoryError:
                     row = {"op": name, "L": L, "impl": impl, "error": "out of memory"}
+                if "error" in row:  # the failed attempt's tensors are released once the exception is gone
                     torch.cuda.empty_cache()
                 row["clone_GBps"] = clone[C, L]
                 for key in ("fwd", "bwd", "total"):
