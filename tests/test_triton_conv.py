@@ -319,3 +319,5 @@ def test_unsupported_filters_fall_back_to_reference():
     h = _randn(1, 130, scale=0.1)  # over the two-pass kernel's 129 taps
     y = tc.gated_causal_conv(q, k, v, h, None, True)
     _assert_matches([y], [conv.gated_causal_conv_reference(*_on_cpu([q, k, v, h]), None, True)], 1e-5)
+    w = _randn(4, 20, scale=0.2)  # ungated filters over the direct kernel's 16 taps
+    _assert_matches([tc.causal_conv(q, w)], [conv.causal_conv_reference(*_on_cpu([q, w]))], 1e-5)

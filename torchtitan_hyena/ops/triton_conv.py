@@ -4,10 +4,10 @@ Importing this module registers the ``"triton"`` implementation. The kernels are
 ``torch.library`` custom ops with fake implementations and registered autograd, so models compile without graph
 breaks (``triton_op`` fails under the interpreter, ``docs/kernels.md`` §4), plus DTensor sharding rules.
 
-Dispatch: ``causal_conv`` (featurizer) and gated convs with short filters (<= 16 taps, Hyena-SE) use the direct
-kernels of ``triton_direct``; longer gated filters (Hyena-MR) the two-pass Toeplitz kernels of
-``triton_toeplitz``. Where no kernel fits (filters over 129 taps; fp32 MR on AMD's 64 KB LDS) the torch
-reference runs instead, with a warning.
+Dispatch: short filters (<= 16 taps: the featurizer's ungated conv, Hyena-SE) use the direct kernels of
+``triton_direct``; longer gated filters (Hyena-MR) the two-pass Toeplitz kernels of ``triton_toeplitz``. Where no
+kernel fits (longer ungated filters, gated ones over 129 taps, fp32 MR on AMD's 64 KB LDS) the torch reference
+runs instead, with a warning.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from torchtitan_hyena.errors import ConfigError
-from torchtitan_hyena.ops.conv import gated_causal_conv_reference, register_conv_impl
+from torchtitan_hyena.ops.conv import causal_conv_reference, gated_causal_conv_reference, register_conv_impl
+from torchtitan_hyena.ops.triton_backend import MAX_CHUNK
 from torchtitan_hyena.ops.triton_direct import INTERPRETED, direct_backward, direct_forward
 from torchtitan_hyena.ops.triton_toeplitz import toeplitz_backward, toeplitz_forward, toeplitz_supported
 from torchtitan_hyena.tools.logging import logger
@@ -48,7 +49,16 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must be (channels, taps) = ({x.shape[-1]}, K); got {tuple(weight.shape)}")
     _check_device(x)
+    if weight.shape[1] > MAX_DIRECT_TAPS:
+        _warn_fallback(f"{weight.shape[1]}-tap ungated filters exceed the direct kernel's {MAX_DIRECT_TAPS} taps")
+        return causal_conv_reference(x, weight)
     return torch.ops.torchtitan_hyena.triton_causal_conv(x, weight)
+
+
+def _warn_fallback(reason: str) -> None:
+    if reason not in _warned and not torch.compiler.is_compiling():
+        logger.warning(f"triton conv: {reason}; using the torch reference")
+        _warned.add(reason)
 
 
 @torch.compiler.assume_constant_result
@@ -57,8 +67,8 @@ def _fallback_reason(dtype: torch.dtype, taps: int) -> str | None:
     Triton driver for the device."""
     if taps <= MAX_DIRECT_TAPS or toeplitz_supported(dtype, taps):
         return None
-    if taps > 129:
-        return f"{taps}-tap filters exceed the two-pass Toeplitz kernel's 129 taps"
+    if taps > MAX_CHUNK + 1:
+        return f"{taps}-tap filters exceed the two-pass Toeplitz kernel's {MAX_CHUNK + 1} taps"
     return f"no Toeplitz kernel configuration fits this device for {dtype} inputs"
 
 
@@ -77,9 +87,7 @@ def gated_causal_conv(
     _check_device(q)
     reason = _fallback_reason(q.dtype, h.shape[1])
     if reason is not None:
-        if reason not in _warned and not torch.compiler.is_compiling():
-            logger.warning(f"triton conv: {reason}; using the torch reference")
-            _warned.add(reason)
+        _warn_fallback(reason)
         return gated_causal_conv_reference(q, k, v, h, skip, flip)
     return torch.ops.torchtitan_hyena.triton_gated_conv(q, k, v, h, skip, flip)
 

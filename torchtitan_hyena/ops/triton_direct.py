@@ -1,7 +1,7 @@
 """Direct (tap-by-tap) depthwise causal convolution kernels for short filters: featurizer and Hyena-SE.
 
-Layout (B, L, D), time-major and channel-contiguous; one program computes a (BLOCK_T x BLOCK_D) tile with the
-taps unrolled and fp32 accumulation. Gated form: ``y = q * (conv(k*v) + skip * k*v)``; ungated: ``y = conv(x)``.
+Layout (B, L, D), time-major and channel-contiguous; one program computes a (BLOCK_T x BLOCK_D) tile, looping
+over the taps with fp32 accumulation. Gated form: ``y = q * (conv(k*v) + skip * k*v)``; ungated: ``y = conv(x)``.
 Filters are grouped: channel c uses row ``c // DG`` of ``h`` (G, K); ``LAG_ORDER`` says whether column j holds
 lag j (impulse response) or lag K-1-j (``F.conv1d`` order). These short convolutions are memory-bound, so the
 gates are fused and nothing but the inputs is read back in backward. The filter gradient is written as fp32
@@ -206,7 +206,7 @@ def direct_backward(
     rows_per_split, n_split = _splits(L, B * triton.cdiv(D, 128), _BWD.interpreted)
     acc = torch.float64 if v.dtype == torch.float64 else torch.float32
     dh_part = torch.zeros((B * n_split, D, K), dtype=acc, device=v.device)
-    dskip_part = torch.zeros((B * n_split, D), dtype=acc, device=v.device)
+    dskip_part = torch.zeros((B * n_split, D), dtype=acc, device=v.device) if skip is not None else dh_part
     if dv.numel():
 
         def grid(meta: dict) -> tuple[int, int, int]:

@@ -22,7 +22,10 @@ import triton.language as tl
 from torchtitan_hyena.ops.triton_backend import MAX_CHUNK, TunedKernel
 from torchtitan_hyena.ops.triton_direct import acc_dtype
 
+# Programs to aim for (before the filter gradient's row slices): enough to fill a GPU; few under the interpreter,
+# which runs them one by one. The filter gradient's fp32 partials take 128 KB per (group, split).
 _TARGET_PROGRAMS = {True: 2, False: 1024}
+_TARGET_FILTER_GRAD_PROGRAMS = {True: 2, False: 256}
 
 
 def chunk_for(taps: int) -> int:
@@ -179,8 +182,10 @@ def toeplitz_supported(dtype: torch.dtype, taps: int) -> bool:
     return bool(_PASS.configs(op_bytes, 128, chunk)) and bool(_FILTER_GRAD.configs(op_bytes, 128, chunk))
 
 
-def _splits(n_chunks: int, parallel: int, interpreted: bool) -> tuple[int, int]:
-    want = max(1, triton.cdiv(_TARGET_PROGRAMS[interpreted], parallel))
+def _splits(n_chunks: int, parallel: int, target: int) -> tuple[int, int]:
+    """(chunks per split, number of splits) so that ``parallel`` programs per split reach ``target``; from shapes
+    only, so the filter gradient's summation order does not depend on the launch configuration."""
+    want = max(1, triton.cdiv(target, parallel))
     per_split = triton.cdiv(n_chunks, min(want, max(n_chunks, 1)))
     return per_split, max(1, triton.cdiv(n_chunks, per_split))
 
@@ -199,7 +204,7 @@ def _run_pass(
     interpreted = _PASS.interpreted
     o1 = torch.empty((B, L, D), dtype=a.dtype, device=a.device)
     o2 = torch.empty_like(o1) if c2 is not None else None
-    per_split, n_split = _splits(triton.cdiv(L, chunk), B * D // 16, interpreted)
+    per_split, n_split = _splits(triton.cdiv(L, chunk), B * D // 16, _TARGET_PROGRAMS[interpreted])
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     dskip_part = torch.zeros((B * n_split, D), dtype=acc, device=a.device) if skip_grad else None
     if o1.numel():
@@ -237,7 +242,7 @@ def _filter_grad(
     dg = D // G
     interpreted = _FILTER_GRAD.interpreted
     n_chunks = triton.cdiv(L, chunk)
-    per_split, n_split = _splits(n_chunks, B * G * 4, interpreted)
+    per_split, n_split = _splits(n_chunks, B * G, _TARGET_FILTER_GRAD_PROGRAMS[interpreted])
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     part = torch.zeros((B * n_split, G, 2, chunk, chunk), dtype=acc, device=q.device)
     if q.numel():
