@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import re
 import statistics
 import sys
@@ -181,6 +182,8 @@ def main() -> None:
         "batch": args.batch,
         "dim": args.dim,
         "reference_only": "triton" not in impls,
+        "host_cpus": os.cpu_count(),
+        "host_load_avg_1m": os.getloadavg()[0],  # CPU timings are only as good as the machine is idle
     }
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower()
     out = args.out or RESULTS / f"conv_{slug}_{args.dtype}.json"
