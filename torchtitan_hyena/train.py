@@ -155,6 +155,8 @@ class Trainer:
             model_info=(c.model.name, c.model.flavor, self.model_args),
             job_config_dict=to_dict(c),
         )
+        # Resume (or seed) before anything is written, so a bad checkpoint leaves no trace on disk.
+        self.state.step = self.checkpointer.load()
         self.metrics = MetricsProcessor(
             dump_folder=self.dump_folder,
             enable_tensorboard=c.metrics.enable_tensorboard,
@@ -235,7 +237,6 @@ class Trainer:
 
     def train(self) -> list[float]:
         c = self.job_config
-        self.state.step = self.checkpointer.load()
         losses: list[float] = []
         data_iter = iter(self.dataloader)
         accumulation = self.dataloader.accumulation_steps

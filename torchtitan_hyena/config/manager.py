@@ -217,7 +217,8 @@ class ConfigManager:
             raise SystemExit(0)
         overrides = _split_cli(argv)
         config = JobConfig()
-        config_file = next((v for s, k, v in overrides if (s, k) == ("job", "config_file")), None)
+        # The last --job.config_file wins, like every other repeated option.
+        config_file = next((v for s, k, v in reversed(overrides) if (s, k) == ("job", "config_file")), None)
         if config_file:
             for section, values in load_toml(config_file).items():
                 if not isinstance(values, dict):
