@@ -96,7 +96,7 @@ class Training:
     to_upper: str = opt(
         "normalized_weighted",
         "DNA/byte data: uppercase inputs and labels; weighted: lowercase labels get lowercase_loss_reweighting; "
-        "normalized_weighted (Evo 2): and weights are renormalized per microbatch",
+        "normalized_weighted (Evo 2): weighted, then renormalized to sum to each microbatch's label count",
         ("none", "upper", "weighted", "normalized_weighted"),
     )
     lowercase_loss_reweighting: float = opt(0.1, "DNA/byte data: loss weight of lowercase (soft-masked) labels")

@@ -58,7 +58,11 @@ def _check_printable(path: Path, where: str, data: bytes) -> None:
 
 
 def iter_fasta(path: str | Path) -> Iterator[FastaRecord]:
-    """Records of a FASTA file in order. Empty lines are skipped; line breaks inside sequences removed."""
+    """Records of a FASTA file in order, sequence lines joined.
+
+    Lines lose trailing whitespace (as Biopython's parser does, so tags with spaces belong inside a
+    line); empty and ``;`` comment lines are skipped.
+    """
     p = _check_file(path, "FASTA file")
     name: str | None = None
     chunks: list[bytes] = []
