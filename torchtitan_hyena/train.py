@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torchtitan_hyena.components.checkpoint import CheckpointManager
 from torchtitan_hyena.components.dataloader import batch_to_device
 from torchtitan_hyena.components.datasets.base import IGNORE_INDEX
+from torchtitan_hyena.components.datasets.dna_targets import LossShaping
 from torchtitan_hyena.components.metrics import MetricsProcessor
 from torchtitan_hyena.components.validate import Validator
 from torchtitan_hyena.config import ConfigManager, JobConfig, config_table
@@ -98,6 +99,7 @@ class Trainer:
             dp_rank=self.dp_rank,
             dp_degree=self.dp_degree,
             seed=t.seed,
+            loss_shaping=LossShaping.from_config(t),
         )
         self.dataloader = spec.build_dataloader_fn(
             split=t.dataset_split,
