@@ -172,11 +172,19 @@ def _merge_dim(key: str, shard_shape: tuple[int, ...], args: Llama3Args) -> int 
     return None  # replicated norms
 
 
-def _load_meta_tensor(shards: list[Path], key: str, dim: int | None) -> torch.Tensor:
-    # A fresh memory map per tensor: pages of finished tensors leave the process with their map,
-    # where one long-lived map per shard would grow to the whole file.
-    pieces = [_load_pth(p)[key] for p in (shards if dim is not None else shards[:1])]
-    return pieces[0] if dim is None else torch.cat(pieces, dim)
+def _load_meta_tensor(shards: list[Path], key: str, dim: int | None, spec: tuple[tuple[int, ...], torch.dtype]):
+    """One merged tensor. Each shard is memory-mapped afresh and released once copied: pages of finished
+    tensors leave the process with their map, where one long-lived map per shard would grow to the file."""
+    if dim is None:
+        return _load_pth(shards[0])[key]  # replicated (or a single shard): a view of the map
+    out = torch.empty(spec[0], dtype=spec[1])
+    offset = 0
+    for path in shards:
+        piece = _load_pth(path)[key]
+        out.narrow(dim, offset, piece.shape[dim]).copy_(piece)
+        offset += piece.shape[dim]
+        del piece  # unmap before the next shard's pages are read
+    return out
 
 
 def read_meta_checkpoint(folder: Path) -> LlamaCheckpoint:
@@ -215,7 +223,10 @@ def read_meta_checkpoint(folder: Path) -> LlamaCheckpoint:
     if args.vocab_size <= 0 and "tok_embeddings.weight" in merged:  # Llama 2's params.json says -1
         args.vocab_size = merged["tok_embeddings.weight"][0]
     _check_tensor_set(merged, args, str(folder), "check params.json and that all shards belong to this checkpoint")
-    tensors = {k: LazyTensor(merged[k], first[k][1], lambda k=k: _load_meta_tensor(shards, k, dims[k])) for k in merged}
+    tensors = {}
+    for k in merged:
+        spec = (merged[k], first[k][1])
+        tensors[k] = LazyTensor(*spec, lambda k=k, spec=spec: _load_meta_tensor(shards, k, dims[k], spec))
     return LlamaCheckpoint(args, tensors, f"Meta checkpoint, {len(shards)} model-parallel shard(s)")
 
 
