@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -17,6 +19,7 @@ except ModuleNotFoundError:  # Python 3.10
 from tests.conftest import REPO, env
 from tests.helpers.llama_ckpt import TINY, hf_logprobs, read_dcp, save_meta, tiny_hf_model
 from torchtitan_hyena.convert import llama as conv
+from torchtitan_hyena.convert.cli import llama_to_dcp_main
 from torchtitan_hyena.convert.llama_config import (
     args_from_hf_config,
     args_from_meta_params,
@@ -138,7 +141,6 @@ def test_every_format_reads_to_the_same_tensors(tiny):
 def test_converted_checkpoint_scores_like_transformers(tiny, tmp_path, fmt):
     """Acceptance: convert with --keep_embeddings, then `score` reproduces transformers' log-probs (fp32)."""
     from torchtitan_hyena import score
-    from torchtitan_hyena.convert.cli import llama_to_dcp_main
 
     model, root = tiny
     torch.manual_seed(1)
@@ -244,16 +246,21 @@ def test_output_folder_rules_and_interrupted_conversion(tiny, tmp_path, monkeypa
 
     calls = []
 
-    def interrupted(*args):
+    def killed_by_slurm(*args):  # the third tensor read is interrupted by SIGTERM (a job's time limit)
         calls.append(args)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
         return real(*args)
 
     real = conv._load_hf_tensor
-    monkeypatch.setattr(conv, "_load_hf_tensor", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        conv.llama_to_dcp(root / "hf", out, overwrite=True)
+    monkeypatch.setattr(conv, "_load_hf_tensor", killed_by_slurm)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llama_to_dcp_main(["--input_dir", str(root / "hf"), "--output_dir", str(out), "--overwrite"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(calls) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").exists()
     monkeypatch.setattr(conv, "_load_hf_tensor", real)
     conv.llama_to_dcp(root / "hf", out, overwrite=True)

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import signal
 
+from torchtitan_hyena.convert import hub
 from torchtitan_hyena.convert.common import DTYPES
+from torchtitan_hyena.convert.llama import dcp_to_llama, llama_to_dcp
+from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.tools.logging import init_logger, logger
 
 
-def llama_to_dcp_main(argv: list[str] | None = None) -> None:
-    from torchtitan_hyena.convert.llama import llama_to_dcp
+def _sigterm_as_interrupt() -> None:
+    """SLURM ends jobs with SIGTERM: unwind like Ctrl-C, so the partial output folder is removed."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
+
+def llama_to_dcp_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python llama_to_dcp.py",
         description="Convert a Meta (params.json + consolidated.*.pth) or HF (config.json + safetensors) Llama "
@@ -23,16 +30,13 @@ def llama_to_dcp_main(argv: list[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     a = p.parse_args(argv)
     init_logger()
+    _sigterm_as_interrupt()
     llama_to_dcp(
         a.input_dir, a.output_dir, keep_embeddings=a.keep_embeddings, dtype=DTYPES.get(a.dtype), overwrite=a.overwrite
     )
 
 
 def dcp_to_llama_main(argv: list[str] | None = None) -> None:
-    from torchtitan_hyena.convert import hub
-    from torchtitan_hyena.convert.llama import dcp_to_llama
-    from torchtitan_hyena.errors import UserError
-
     p = argparse.ArgumentParser(
         prog="python dcp_to_llama.py",
         description="Export the model weights of a DCP step folder as a Meta .pth or a transformers Llama folder, "
@@ -48,6 +52,7 @@ def dcp_to_llama_main(argv: list[str] | None = None) -> None:
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     a = p.parse_args(argv)
     init_logger()
+    _sigterm_as_interrupt()
     token = None
     if a.push_to_hub:
         if not a.hf_repo_name:

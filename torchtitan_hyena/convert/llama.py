@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchtitan_hyena.components.checkpoint import dcp_error, read_metadata
 from torchtitan_hyena.convert.common import LazyTensor, atomic_output_dir, save_dcp_streaming
+from torchtitan_hyena.convert.hub import write_model_card
 from torchtitan_hyena.convert.llama_config import (
     args_from_hf_config,
     args_from_meta_params,
@@ -172,7 +173,9 @@ def _merge_dim(key: str, shard_shape: tuple[int, ...], args: Llama3Args) -> int 
     return None  # replicated norms
 
 
-def _load_meta_tensor(shards: list[Path], key: str, dim: int | None, spec: tuple[tuple[int, ...], torch.dtype]):
+def _load_meta_tensor(
+    shards: list[Path], key: str, dim: int | None, spec: tuple[tuple[int, ...], torch.dtype]
+) -> torch.Tensor:
     """One merged tensor. Each shard is memory-mapped afresh and released once copied: pages of finished
     tensors leave the process with their map, where one long-lived map per shard would grow to the file."""
     if dim is None:
@@ -364,16 +367,17 @@ class _Stored:
 def _locate_model_tensors(step_dir: Path, args: Llama3Args) -> dict[str, _Stored]:
     """Where each model tensor sits in the DCP, from its metadata: optimizer and loader state are never read."""
     meta = read_metadata(step_dir)
+    expected = expected_shapes(args)
     found = {}
-    for key in expected_shapes(args):
+    for key in expected:
         ckpt_key = key if key in meta else f"model.{key}"
         info = meta.get(ckpt_key)
         if isinstance(info, TensorStorageMetadata):
             found[key] = _Stored(ckpt_key, tuple(info.size), info.properties.dtype)
-    missing = [k for k in expected_shapes(args) if k not in found]
-    if set(missing) & set(EMBEDDING_KEYS):
+    no_embeddings = sorted(set(EMBEDDING_KEYS) - set(found))
+    if no_embeddings:
         raise UserError(
-            f"{step_dir} has no {' / '.join(sorted(set(missing) & set(EMBEDDING_KEYS)))}: it was converted without "
+            f"{step_dir} has no {' / '.join(no_embeddings)}: it was converted without "
             "--keep_embeddings, and an exported Llama needs them; export a trained checkpoint instead"
         )
     fix = "is model_args.json from the same run?"
@@ -410,8 +414,9 @@ def _shard_groups(stored: dict[str, _Stored], dtype: torch.dtype, max_bytes: int
     return groups
 
 
-def _write_hf(step_dir: Path, stored: dict[str, _Stored], args: Llama3Args, dtype: torch.dtype, out: Path,
-              max_shard_bytes: int) -> None:  # fmt: skip
+def _write_hf(
+    step_dir: Path, stored: dict[str, _Stored], args: Llama3Args, dtype: torch.dtype, out: Path, max_shard_bytes: int
+) -> None:
     (out / "config.json").write_text(json.dumps(hf_config_from_args(args, dtype), indent=2) + "\n")
     groups = _shard_groups(stored, dtype, max_shard_bytes)
     weight_map, total = {}, 0
@@ -447,8 +452,6 @@ def dcp_to_llama(
     is held in memory); ``fmt="hf"`` a transformers ``LlamaForCausalLM`` folder, loaded shard by shard.
     Model args come from ``model_args.json``; ``dtype`` None keeps the stored precision.
     """
-    from torchtitan_hyena.convert.hub import write_model_card
-
     step_dir = Path(step_dir)
     if fmt not in ("hf", "pth"):
         raise UserError(f"--format {fmt!r} is not supported; use hf or pth")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from torchtitan_hyena.errors import UserError
+from torchtitan_hyena.models.llama3 import llama3_flavors
 from torchtitan_hyena.models.llama3.args import Llama3Args
 
 _META_PARAMS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
@@ -20,7 +21,6 @@ _META_PARAMS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multi
 
 def flavor_of(args: Llama3Args) -> str:
     """The registered flavor with this shape (e.g. ``8B``), else ``custom``."""
-    from torchtitan_hyena.models.llama3 import llama3_flavors
 
     def shape(a: Llama3Args) -> tuple[int, ...]:
         return a.dim, a.n_layers, a.n_heads, a.kv_heads, a.ffn_hidden_dim
