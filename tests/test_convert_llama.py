@@ -105,6 +105,30 @@ def test_llama31_8b_configs_map_to_our_8b_flavor_and_the_lang_primate_rope():
     assert args_from_hf_config(hf_config_from_args(args, torch.bfloat16)).to_dict() == args.to_dict()
 
 
+def test_neural_pile_8b_131k_exports_to_an_equivalent_hf_config():
+    args = Llama3Args(**{**llama3_flavors["8B"].to_dict(), "vocab_size": 256, "max_seq_len": 131072})
+    args.rope_scaling = "llama3"  # lang-primate keeps Llama-3.1's RoPE
+    config = hf_config_from_args(args, torch.bfloat16)
+    assert [config[k] for k in ("vocab_size", "max_position_embeddings", "intermediate_size")] == [256, 131072, 14336]
+    back = args_from_hf_config(config)
+    assert flavor_of(back) == "8B" and back.ffn_hidden_dim == args.ffn_hidden_dim
+    for field in (
+        "dim",
+        "n_layers",
+        "n_heads",
+        "vocab_size",
+        "max_seq_len",
+        "norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "rope_scaling_factor",
+        "rope_low_freq_factor",
+        "rope_high_freq_factor",
+        "rope_original_max_position",
+    ):
+        assert getattr(back, field) == getattr(args, field), field  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -255,12 +279,9 @@ def test_output_folder_rules_and_interrupted_conversion(tiny, tmp_path, monkeypa
     real = conv._load_hf_tensor
     monkeypatch.setattr(conv, "_load_hf_tensor", killed_by_slurm)
     previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            llama_to_dcp_main(["--input_dir", str(root / "hf"), "--output_dir", str(out), "--overwrite"])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert len(calls) == 3
+    with pytest.raises(KeyboardInterrupt):
+        llama_to_dcp_main(["--input_dir", str(root / "hf"), "--output_dir", str(out), "--overwrite"])
+    assert len(calls) == 3 and signal.getsignal(signal.SIGTERM) is previous
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").exists()
     monkeypatch.setattr(conv, "_load_hf_tensor", real)
     conv.llama_to_dcp(root / "hf", out, overwrite=True)

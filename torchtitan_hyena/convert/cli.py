@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
+from collections.abc import Iterator
 
 from torchtitan_hyena.convert import hub
 from torchtitan_hyena.convert.common import DTYPES
@@ -12,9 +14,14 @@ from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.tools.logging import init_logger, logger
 
 
-def _sigterm_as_interrupt() -> None:
-    """SLURM ends jobs with SIGTERM: unwind like Ctrl-C, so the partial output folder is removed."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SLURM ends jobs with SIGTERM: while converting, unwind like Ctrl-C so the partial output is removed."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def llama_to_dcp_main(argv: list[str] | None = None) -> None:
@@ -30,10 +37,14 @@ def llama_to_dcp_main(argv: list[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     a = p.parse_args(argv)
     init_logger()
-    _sigterm_as_interrupt()
-    llama_to_dcp(
-        a.input_dir, a.output_dir, keep_embeddings=a.keep_embeddings, dtype=DTYPES.get(a.dtype), overwrite=a.overwrite
-    )
+    with _sigterm_as_interrupt():
+        llama_to_dcp(
+            a.input_dir,
+            a.output_dir,
+            keep_embeddings=a.keep_embeddings,
+            dtype=DTYPES.get(a.dtype),
+            overwrite=a.overwrite,
+        )
 
 
 def dcp_to_llama_main(argv: list[str] | None = None) -> None:
@@ -52,20 +63,20 @@ def dcp_to_llama_main(argv: list[str] | None = None) -> None:
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     a = p.parse_args(argv)
     init_logger()
-    _sigterm_as_interrupt()
     token = None
     if a.push_to_hub:
         if not a.hf_repo_name:
             raise UserError("--push_to_hub needs --hf_repo_name user/name")
         token = hub.require_token(a.hf_repo_name)
-    out = dcp_to_llama(
-        a.input_dir,
-        a.output_dir,
-        fmt=a.format,
-        dtype=DTYPES.get(a.dtype),
-        overwrite=a.overwrite,
-        repo_name=a.hf_repo_name,
-    )
+    with _sigterm_as_interrupt():
+        out = dcp_to_llama(
+            a.input_dir,
+            a.output_dir,
+            fmt=a.format,
+            dtype=DTYPES.get(a.dtype),
+            overwrite=a.overwrite,
+            repo_name=a.hf_repo_name,
+        )
     if token is not None:
         url = hub.push_folder(out, a.hf_repo_name, token, private=a.private)
         logger.info(f"pushed {out} to {a.hf_repo_name}: {url}")

@@ -22,7 +22,8 @@ def require_token(repo_name: str) -> str:
     try:
         validate_repo_id(repo_name)
     except Exception as e:
-        raise UserError(f"--hf_repo_name {repo_name!r} is not a valid repo id (user/name): {e}") from None
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"--hf_repo_name {repo_name!r} is not a valid repo id (user/name): {detail}") from None
     token = get_token()
     if not token:
         raise UserError("--push_to_hub needs a Hugging Face token: set HF_TOKEN or run `huggingface-cli login`")
