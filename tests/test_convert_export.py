@@ -254,3 +254,17 @@ def test_seed_report_lists_reshaped_embeddings(converted):
     assert report["missing"] == [] and report["unused"] == []
     wq = read_llama_checkpoint(converted.parent / "hf").tensors["layers.0.attention.wq.weight"].load()
     assert torch.equal(model.layers["0"].attention.wq.weight.detach(), wq)
+
+
+def test_truncated_checkpoint_is_a_user_error(converted, tmp_path):
+    """DCP reports read failures as CheckpointException (a BaseException): they must still be one-line errors."""
+    import shutil
+
+    broken = shutil.copytree(converted, tmp_path / "broken")
+    for data in broken.glob("*.distcp"):
+        data.write_bytes(data.read_bytes()[:64])
+    with pytest.raises(UserError, match="could not read checkpoint .*broken"):
+        load_model(broken, CPU)
+    with pytest.raises(UserError, match="could not read the model tensors of .*broken"):
+        dcp_to_llama(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
