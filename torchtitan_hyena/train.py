@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from torchtitan_hyena.distributed.utils import (
 )
 from torchtitan_hyena.errors import ConfigError, run_cli
 from torchtitan_hyena.protocols.train_spec import get_flavor_args, get_train_spec
+from torchtitan_hyena.tools import dry_run
 from torchtitan_hyena.tools.flops import get_peak_flops
 from torchtitan_hyena.tools.logging import init_logger, logger
 from torchtitan_hyena.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
@@ -286,7 +288,14 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(dry_run.HELP + "\n")
+    argv, dry_run_flags = dry_run.split_flags(argv)
     config = ConfigManager().parse_args(argv)
+    if dry_run_flags is not None:
+        dry_run.run(config, dry_run_flags)
+        return
     trainer = None
     try:
         trainer = Trainer(config)
