@@ -17,6 +17,8 @@ T = TypeVar("T")
 class UserError(Exception):
     """A mistake in user input; the message names the problem and the fix."""
 
+    exit_code = 2  # EXIT_USER_ERROR; subclasses may use their own status
+
 
 class ConfigError(UserError):
     """An invalid configuration key or value."""
@@ -25,10 +27,10 @@ class ConfigError(UserError):
 EXIT_USER_ERROR = 2
 
 
-def fail(message: str) -> NoReturn:
-    """Print a one-line error and exit with :data:`EXIT_USER_ERROR`."""
+def fail(message: str, exit_code: int = EXIT_USER_ERROR) -> NoReturn:
+    """Print a one-line error and exit with ``exit_code`` (:data:`EXIT_USER_ERROR` by default)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_USER_ERROR)
+    raise SystemExit(exit_code)
 
 
 def run_cli(main: Callable[[], T]) -> T:
@@ -36,7 +38,7 @@ def run_cli(main: Callable[[], T]) -> T:
     try:
         return main()
     except UserError as e:
-        fail(str(e))
+        fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
