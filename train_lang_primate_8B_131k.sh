@@ -9,7 +9,7 @@
 #SBATCH --nodes=64
 #SBATCH --gpus-per-node=8
 #SBATCH --time=24:00:00
-#SBATCH --signal=B:USR1@120
+#SBATCH --signal=B:USR1@600
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out

@@ -161,7 +161,7 @@ def test_sbatch_directives_match_the_config_mesh(script):
     world = required_world_size(ConfigManager().parse_args(["--job.config_file", str(config)]))
     assert world == nodes * 8, f"{script.name}: #SBATCH --nodes={nodes} but {config.name} needs {world} ranks"
     if script.name.startswith("train_"):
-        assert sbatch_value(script, "signal") == "B:USR1@120"
+        assert sbatch_value(script, "signal") == "B:USR1@600"
 
 
 # ------------------------------------------------------------------------------------------ inside the job

@@ -8,9 +8,10 @@
 #       layout at full scale (--preflight), then submit this script with sbatch --nodes=<derived>.
 #   sbatch train_X.sh [--preflight] [--section.key value ...]
 #       Inside the job: refuse unless nodes x GPUS_PER_NODE equals the mesh, optionally dry-run, set up modules,
-#       RCCL over libfabric, caches and offline HF, then srun one torchrun per node. SLURM's USR1 (sent 120 s
-#       before the time limit) makes the trainer finish its step, save a checkpoint and exit; the job is then
-#       requeued and resumes from that checkpoint. TERM (scancel) also saves, but does not requeue.
+#       RCCL over libfabric, caches and offline HF, then srun one torchrun per node. SLURM's USR1 (sent 600 s
+#       before the time limit: an 8B/131k step on 512 GCDs takes minutes, and the save must fit too) makes the
+#       trainer finish its step, save a checkpoint and exit; the job is then requeued and resumes from that
+#       checkpoint. TERM (scancel) also saves, but does not requeue.
 #
 # Optional environment: ACCOUNT, PARTITION, TIME (submission), GPUS_PER_NODE (8), PYTHON (python3), VENV (.venv),
 # MODULES, AWS_OFI_RCCL_DIR, CACHE_DIR, HF_HOME, MASTER_PORT, MAX_RESTARTS, SHUTDOWN_TIMEOUT, MAX_REQUEUES,
@@ -112,9 +113,9 @@ export TORCHELASTIC_ENABLE_FILE_TIMER=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
 export LOGLEVEL=${LOGLEVEL:-INFO}
-# torchrun passes USR1 on to the trainer and gives it SHUTDOWN_TIMEOUT seconds to save before SIGKILL.
+# torchrun passes USR1 on to the trainer and gives it SHUTDOWN_TIMEOUT seconds (within the 600 s lead) to save.
 export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-110}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-570}
 
 # Compiled-kernel caches on node-local storage (no Lustre metadata storms, no sqlite locking across nodes).
 CACHE_DIR=${CACHE_DIR:-/tmp/${USER:-$(id -un)}/torchtitan_hyena}
