@@ -87,8 +87,9 @@ def slurm(tmp_path):
     (plugin / "lib").mkdir(parents=True)
     (plugin / "lib" / "librccl-net.so").touch()
     base = env()
-    for key in list(base):
-        if key.startswith(("SLURM_", "NCCL_", "FI_", "HF_", "SBATCH_")) or key in ("CONFIG_FILE", "CHECKPOINT"):
+    owned = ("SLURM_", "SBATCH_", "NCCL_", "GLOO_", "FI_", "HF_", "TORCH", "TRITON_", "MIOPEN_", "PYTORCH_")
+    for key in list(base):  # the scripts keep values already set: start from a clean slate
+        if key.startswith(owned) or key in ("CONFIG_FILE", "CHECKPOINT", "OMP_NUM_THREADS", "LD_LIBRARY_PATH"):
             del base[key]
     base.update(
         PATH=f"{bin_dir}{os.pathsep}{base['PATH']}", STUB_LOG=str(log), PYTHON=sys.executable,
@@ -268,6 +269,9 @@ def test_submission_derives_nodes_from_the_mesh(slurm):
     proc = slurm.run(script, "--parallelism.data_parallel_replicate_degree", "1")
     assert (slurm.log / "sbatch.args").read_text().splitlines()[0] == "--nodes=32"
     assert proc.returncode == 0 and "on 32 nodes (256 ranks)" in proc.stdout
+    # a relative script path still names the script for sbatch after the script has cd'ed to the repository
+    proc = subprocess.run(["bash", script.name], cwd=REPO, env=slurm.env(), capture_output=True, text=True)
+    assert proc.returncode == 0 and (slurm.log / "sbatch.args").read_text().splitlines() == ["--nodes=64", str(script)]
 
 
 def test_preflight_dry_runs_before_submitting(slurm):

@@ -25,7 +25,8 @@ die() {
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-mi250x}
-cd "$REPO" || die "cannot enter $REPO"
+SCRIPT="$(cd -- "$(dirname -- "$SCRIPT")" && pwd)/$(basename -- "$SCRIPT")"
+cd "$REPO" || die "cannot enter $REPO" # CONFIG_FILE and the config's paths are relative to the repository
 
 VENV=${VENV:-$REPO/.venv}
 if [[ -f $VENV/bin/activate ]]; then
@@ -131,6 +132,7 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 export HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
 
 mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+((${#hosts[@]} > 0)) || die "scontrol show hostnames gave no host for SLURM_JOB_NODELIST=${SLURM_JOB_NODELIST:-}"
 MASTER_ADDR=${hosts[0]}
 MASTER_PORT=${MASTER_PORT:-29500}
 MAX_REQUEUES=${MAX_REQUEUES:-20}
