@@ -80,9 +80,8 @@ def test_rejects_a_layout_that_cannot_fit(capsys):
 
 def test_device_budget_decides_the_verdict():
     c = neural_pile("rodent_8B_131k", *FSDP_ONLY[:-2], "--training.seq_len", "131072")  # 1 x 131k per rank
-    assert not dry_run(c, 512, "mi250x").fits
-    assert not dry_run(c, 512, "h100").fits
-    assert dry_run(c, 512, "h200").fits
+    assert not dry_run(c, 512, "mi250x").fits  # ~76 GiB against 64
+    assert dry_run(c, 512, "h100").fits and dry_run(c, 512, "h200").fits
     assert dry_run(c, 512, "1000").device_bytes == 1000 * GIB
 
 

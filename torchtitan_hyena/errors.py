@@ -13,18 +13,17 @@ from typing import NoReturn, TypeVar
 
 T = TypeVar("T")
 
+EXIT_USER_ERROR = 2
+
 
 class UserError(Exception):
     """A mistake in user input; the message names the problem and the fix."""
 
-    exit_code = 2  # EXIT_USER_ERROR; subclasses may use their own status
+    exit_code = EXIT_USER_ERROR  # the status run_cli exits with; subclasses may choose their own
 
 
 class ConfigError(UserError):
     """An invalid configuration key or value."""
-
-
-EXIT_USER_ERROR = 2
 
 
 def fail(message: str, exit_code: int = EXIT_USER_ERROR) -> NoReturn:

@@ -125,12 +125,8 @@ class ActivationInputs:
 
 @dataclass(frozen=True)
 class ActivationEstimate:
-    saved: int  # tensors autograd keeps from forward to backward (all layers + head)
-    transient: int  # peak extra during backward: a recomputed block and its live gradients, or the loss
-
-    @property
-    def peak(self) -> int:
-        return self.saved + self.transient
+    saved: int  # tensors autograd keeps from forward to backward (all layers + head), at the end of forward
+    peak: int  # the most alive at once: the layers' saved tensors plus the loss, or plus a recomputed block
 
 
 ActivationEstimator = Callable[[BaseModelArgs, ActivationInputs], ActivationEstimate]
@@ -180,9 +176,9 @@ def llama3_activations(args: BaseModelArgs, s: ActivationInputs) -> ActivationEs
     head_saved = norm / t + p * h + 4 * vocab  # final norm, output input, fp32 log-softmax
     head_transient = (p + 4 + 4) * vocab  # logits, their fp32 copy, its gradient
     block_transient = recompute + p * (2 * f / t + 2 * h)  # recomputed block, live gradients
-    return ActivationEstimate(
-        saved=int(tokens * (per_layer + head_saved)), transient=int(tokens * max(head_transient, block_transient))
-    )
+    # The head's tensors are freed by the time the last block's backward (and recompute) starts.
+    peak = per_layer + max(head_saved + head_transient, block_transient)
+    return ActivationEstimate(saved=int(tokens * (per_layer + head_saved)), peak=int(tokens * peak))
 
 
 register_activation_estimator("llama3", llama3_activations)
@@ -232,8 +228,8 @@ class MemoryReport:
             [f"gradients{where}", self.grad_bytes],
             [f"optimizer state{where}", self.optimizer_bytes],
             ["FSDP gather/reduce buffers", self.fsdp_buffer_bytes],
-            ["activations saved for backward", act.saved if act else None],
-            ["activations, backward peak extra", act.transient if act else None],
+            ["activations saved by forward (in the peak)", act.saved if act else None],
+            ["activations at their peak (backward)", act.peak if act else None],
             [f"runtime reserve ({RESERVE_FRACTION:.0%} of device)", self.reserve_bytes],
             ["total on device", self.total_bytes],
         ]
