@@ -114,7 +114,8 @@ export TORCHELASTIC_ENABLE_FILE_TIMER=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
 export LOGLEVEL=${LOGLEVEL:-INFO}
-# torchrun passes USR1 on to the trainer and gives it SHUTDOWN_TIMEOUT seconds (within the 600 s lead) to save.
+# torchrun passes USR1 on to the trainer and gives it SHUTDOWN_TIMEOUT seconds (within the 600 s lead) to save;
+# torchrun before torch 2.12 ignores the setting and kills the workers after 30 s.
 export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-570}
 
