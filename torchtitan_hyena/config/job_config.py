@@ -119,6 +119,10 @@ class Training:
     deterministic: bool = opt(False, "deterministic kernels (bit-reproducible on CPU)")
     gc_freq: int = opt(50, "run Python GC every N steps (automatic GC is disabled)")
     enable_cpu_offload: bool = opt(False, "FSDP CPU offload of parameters, gradients and optimizer state")
+    on_nonfinite_loss: str = opt(
+        "stop", "NaN/Inf loss or grad norm: stop before the update (exit 3), or skip the update", ("stop", "skip")
+    )
+    max_nonfinite_skips: int = opt(10, "with on_nonfinite_loss = skip: stop at the next bad step after this many")
 
 
 @dataclass

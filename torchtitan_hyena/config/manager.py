@@ -162,6 +162,7 @@ def validate(config: JobConfig) -> None:
         "training.max_norm": c.training.max_norm,
         "checkpoint.keep_latest_k": c.checkpoint.keep_latest_k,
         "training.seed": c.training.seed,
+        "training.max_nonfinite_skips": c.training.max_nonfinite_skips,
     }
     for key, value in non_negative.items():
         if value < 0:
