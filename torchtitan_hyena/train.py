@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ import torch.distributed as dist
 from torchtitan_hyena.components.checkpoint import CheckpointManager
 from torchtitan_hyena.components.dataloader import batch_to_device
 from torchtitan_hyena.components.datasets.base import IGNORE_INDEX
+from torchtitan_hyena.components.datasets.dna_targets import LossShaping
 from torchtitan_hyena.components.metrics import MetricsProcessor
+from torchtitan_hyena.components.resilience import EXIT_PREEMPTED, NonFiniteGuard, StopSignals
 from torchtitan_hyena.components.validate import Validator
 from torchtitan_hyena.config import ConfigManager, JobConfig, config_table
 from torchtitan_hyena.config.manager import to_dict
@@ -34,6 +37,7 @@ from torchtitan_hyena.distributed.utils import (
 )
 from torchtitan_hyena.errors import ConfigError, run_cli
 from torchtitan_hyena.protocols.train_spec import get_flavor_args, get_train_spec
+from torchtitan_hyena.tools import dry_run
 from torchtitan_hyena.tools.flops import get_peak_flops
 from torchtitan_hyena.tools.logging import init_logger, logger
 from torchtitan_hyena.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
@@ -98,6 +102,7 @@ class Trainer:
             dp_rank=self.dp_rank,
             dp_degree=self.dp_degree,
             seed=t.seed,
+            loss_shaping=LossShaping.from_config(t),
         )
         self.dataloader = spec.build_dataloader_fn(
             split=t.dataset_split,
@@ -155,6 +160,12 @@ class Trainer:
             model_info=(c.model.name, c.model.flavor, self.model_args),
             job_config_dict=to_dict(c),
         )
+        self.nonfinite = NonFiniteGuard(t.on_nonfinite_loss, t.max_nonfinite_skips, self.checkpointer)
+        self.stop_signals = StopSignals()
+        self.preempted = False
+        self.stop_signals.install()  # before the (long) resume: a signal during it stops after the first step
+        # Resume (or seed) before anything is written, so a bad checkpoint leaves no trace on disk.
+        self.state.step = self.checkpointer.load()
         self.metrics = MetricsProcessor(
             dump_folder=self.dump_folder,
             enable_tensorboard=c.metrics.enable_tensorboard,
@@ -221,13 +232,17 @@ class Trainer:
             del logits
             loss.backward()
             loss_sum += loss.detach().to(torch.float64)
+        loss = dist_sum(loss_sum, self._loss_group())
         params = [p for m in self.model_parts for p in m.parameters()]
         grad_norm = clip_grad_norm_(params, self.job_config.training.max_norm)
-        self.checkpointer.wait_for_staging()
         self.last_lr = self.lr_schedulers.get_last_lr()
-        self.optimizers.step()
+        if self.nonfinite.should_skip(self.state.step, loss, grad_norm):
+            self.optimizers.zero_grad()  # the schedule still advances: lr stays a function of the step
+        else:
+            self.checkpointer.wait_for_staging()
+            self.optimizers.step()
         self.lr_schedulers.step()
-        return dist_sum(loss_sum, self._loss_group()), grad_norm, int(global_tokens.item())
+        return loss, grad_norm, int(global_tokens.item())
 
     def _seed_step(self, step: int) -> None:
         """Per-step RNG state (dropout): a pure function of (seed, step, dp rank), so resume reproduces it."""
@@ -235,7 +250,6 @@ class Trainer:
 
     def train(self) -> list[float]:
         c = self.job_config
-        self.state.step = self.checkpointer.load()
         losses: list[float] = []
         data_iter = iter(self.dataloader)
         accumulation = self.dataloader.accumulation_steps
@@ -264,10 +278,14 @@ class Trainer:
                 self.metrics.step_done()
                 if step == 1:
                     set_pg_timeout(c.comm.train_timeout_seconds)
-                if step % c.metrics.log_freq == 0 or step == last:
+                stop = self.stop_signals.agreed()
+                if step % c.metrics.log_freq == 0 or step == last or stop:
                     self.metrics.log(step, losses[-1], grad_norm.item(), self.last_lr, self.state.ntokens_seen)
-                self.checkpointer.save(step, last_step=step == c.training.steps, force=step == last)
+                self.checkpointer.save(step, last_step=step == c.training.steps, force=step == last or stop)
                 self.checkpointer.poll()
+                if stop:
+                    self._stop_for_signal(step)
+                    break
                 if self.validator is not None and (step % c.validation.freq == 0 or step == c.training.steps):
                     val_loss, val_tokens = self.validator.validate(self.model_parts[0], self.forward)
                     self.metrics.log_validation(step, val_loss, val_tokens)
@@ -280,13 +298,29 @@ class Trainer:
         logger.info(f"training done at step {self.state.step}")
         return losses
 
+    def _stop_for_signal(self, step: int) -> None:
+        self.preempted = True
+        if self.job_config.checkpoint.enable:
+            saved = f"saved checkpoint {self.checkpointer.folder / f'step-{step}'}"
+        else:
+            saved = "checkpoint.enable = false, nothing saved"
+        logger.warning(f"stop signal after step {step}: {saved}; exiting with status {EXIT_PREEMPTED}")
+
     def close(self) -> None:
+        self.stop_signals.restore()
         self.checkpointer.close()
         self.metrics.close()
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(dry_run.HELP + "\n")
+    argv, dry_run_flags = dry_run.split_flags(argv)
     config = ConfigManager().parse_args(argv)
+    if dry_run_flags is not None:
+        dry_run.run(config, dry_run_flags)
+        return
     trainer = None
     try:
         trainer = Trainer(config)
@@ -296,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
             trainer.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+    if trainer.preempted:
+        raise SystemExit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

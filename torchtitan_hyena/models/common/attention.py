@@ -11,18 +11,35 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from torchtitan_hyena.errors import ConfigError
+from torchtitan_hyena.tools.logging import logger
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float | None], torch.Tensor]
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Causal attention through ``F.scaled_dot_product_attention`` (flash/efficient/math kernels)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.size(1) != k.size(1))
+    """Causal attention through ``F.scaled_dot_product_attention`` (flash/efficient/math kernels).
+
+    With fewer queries than keys (a context-parallel query chunk against the keys before it) the
+    causal mask is aligned bottom-right, as in flash-attn.
+    """
+    gqa = q.size(1) != k.size(1)
+    if q.size(2) == k.size(2):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = causal_lower_right(q.size(2), k.size(2))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-_BACKENDS: dict[str, Callable[[], AttentionFn]] = {"sdpa": lambda: sdpa_attention}
+def _flash() -> AttentionFn:
+    from torchtitan_hyena.models.common.flash_attention import resolve_flash
+
+    return resolve_flash()
+
+
+_BACKENDS: dict[str, Callable[[], AttentionFn]] = {"sdpa": lambda: sdpa_attention, "flash": _flash}
+_logged: set[tuple[str, str]] = set()
 
 
 def register_attention_backend(name: str, resolver: Callable[[], AttentionFn]) -> None:
@@ -31,11 +48,25 @@ def register_attention_backend(name: str, resolver: Callable[[], AttentionFn]) -
 
 
 def resolve_attention_backend(name: str) -> AttentionFn:
+    """The kernel for ``model.attention_backend``; ``auto`` is flash on a GPU with flash-attn, else SDPA."""
+    requested = name
     if name == "auto":
-        name = "sdpa"
+        from torchtitan_hyena.models.common.flash_attention import flash_available
+
+        name = "flash" if flash_available() else "sdpa"
     if name not in _BACKENDS:
         raise ConfigError(f"model.attention_backend {name!r} is not available here; available: {', '.join(_BACKENDS)}")
-    return _BACKENDS[name]()
+    fn = _BACKENDS[name]()
+    used = "sdpa" if fn is sdpa_attention else name
+    if (requested, used) not in _logged:
+        _logged.add((requested, used))
+        detail = ""
+        if used == "flash":
+            from torchtitan_hyena.models.common.flash_attention import describe
+
+            detail = f" ({describe()})"
+        logger.info(f"attention backend: {used}{detail} (model.attention_backend = {requested})")
+    return fn
 
 
 class InnerAttention(nn.Module):
