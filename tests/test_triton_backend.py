@@ -117,20 +117,17 @@ def test_fp32_mr_on_amd_falls_back_to_the_reference(monkeypatch):
     assert "129 taps" in tc._fallback_reason(torch.bfloat16, 130)
 
 
-@pytest.mark.parametrize("target, first", [("gfx90a", False), ("sm90", True)])
-def test_kernels_compile_for_gpu_targets(target, first):
+@pytest.mark.parametrize(
+    "target, dtype, first",
+    [("gfx90a", "bfloat16", False), ("gfx90a", "float32", True), ("sm90", "bfloat16", True)],
+)
+def test_kernels_compile_for_gpu_targets(target, dtype, first):
     """Compile without a GPU, as the JIT would on the device: every MI250X configuration (and the default CUDA
-    one) must compile, stay within 64 KB of LDS and its LDS estimate, and not spill registers."""
+    one) must compile, stay within 64 KB of LDS and its LDS estimate, and not spill registers. fp32 dots compile on
+    gfx90a, which rejects tf32."""
     e = env()
     e.pop("TRITON_INTERPRET", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torchtitan_hyena.ops.triton_aot",
-        "--targets",
-        target,
-        *(["--first"] if first else []),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "torchtitan_hyena.ops.triton_aot", "--targets", target, "--dtype", dtype]
+    proc = subprocess.run([*cmd, *(["--first"] if first else [])], cwd=REPO, env=e, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.stdout.count(f"{target} ") >= (4 if first else 20)
+    assert proc.stdout.count(f"{target} ") >= (3 if first else 20)

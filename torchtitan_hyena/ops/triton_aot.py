@@ -120,6 +120,8 @@ def check(targets: list[str], dtype: torch.dtype, first_only: bool) -> list[str]
             chunk = variant.constexprs.get("CHUNK", tb.MAX_CHUNK)
             configs = tb.kernel_configs(variant.kind, ttarget, op_bytes, max_block_d=64, chunk=chunk)
             _, estimate = tb.CONFIG_BUILDERS[variant.kind]
+            if not configs:
+                print(f"{target_name} {variant.name}: no configuration fits (the op uses the torch reference)")
             for config in configs[:1] if first_only else configs:
                 label = f"{target_name} {variant.name} {config}"
                 try:
