@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torchtitan_hyena.ops import conv
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# (taps, filter groups per D=4096 channels as in Evo 2 7B (dg = 16), gated, impulse-response order, D term)
+# Filter taps, gating, impulse-response order (flip) and D term; gated filters have 16 channels per group (Evo 2 7B).
 OPS = {
     "featurizer": dict(taps=3, gated=False, flip=False, skip=False),
     "se": dict(taps=7, gated=True, flip=False, skip=False),
@@ -60,10 +60,10 @@ def fft_gated_conv(q, k, v, h, skip, flip) -> torch.Tensor:
 def make_op(name: str, impl: str, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device):
     """(inputs requiring grad, forward closure, channels of the operator's tensors)."""
     spec = OPS[name]
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    torch.manual_seed(0)
 
     def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype).requires_grad_()
+        return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
 
     if not spec["gated"]:
         C = 3 * D
