@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from torchtitan_hyena.components.datasets.base import IGNORE_INDEX
 
@@ -17,11 +18,14 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch
 
     Summing (not averaging) per microbatch and dividing once by the global number of valid tokens
     makes the loss, and so the gradients, independent of how tokens are split across ranks and
-    accumulation steps.
+    accumulation steps. Under loss parallel ``logits`` is a vocab-sharded DTensor: the cross
+    entropy runs on the shards and yields replicated per-token losses, taken here as a plain tensor.
     """
     losses = F.cross_entropy(
         logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX, reduction="none"
     )
+    if isinstance(losses, DTensor):
+        losses = losses.full_tensor()
     if weights is not None:
         losses = losses * weights.flatten(0, 1).to(losses.dtype)
     return losses.sum()
