@@ -6,6 +6,7 @@ each multi-rank run is compared step by step with one process on the same global
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,25 @@ TP2_ONLY = [*TP2, "--training.local_batch_size", "4"]
 TP4_ONLY = ["--parallelism.tensor_parallel_degree", "4", "--training.local_batch_size", "4"]
 FSDP2 = ["--parallelism.data_parallel_shard_degree", "2"]
 HSDP2x1 = ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1"]
+VALIDATION = ["--validation.enable", "true", "--validation.steps", "2", "--validation.freq", "10",
+              "--validation.local_batch_size", "2"]  # fmt: skip
 CKPT = ["--checkpoint.enable", "true", "--checkpoint.interval", "5", "--training.local_batch_size", "1"]
 
 TWO_RANKS = {
     "tp2": [*FP32, *TP2_ONLY],
     "tp2_lp": [*FP32, *TP2_ONLY, *LP],
+    # Async TP needs NVIDIA symmetric memory: on CPU it is skipped with a warning, and the run must still match.
+    "tp2_lp_compile_full_ac": [
+        *FP32,
+        *TP2_ONLY,
+        *LP,
+        "--compile.enable",
+        "true",
+        "--activation_checkpoint.mode",
+        "full",
+        "--parallelism.enable_async_tensor_parallel",
+        "true",
+    ],
     "fsdp2_bf16": [*BF16, *FSDP2],
     "fsdp2_float8": [*BF16, *FSDP2, *FLOAT8],
     "tp2_bf16": [*BF16, *TP2_ONLY, *LP],
@@ -41,7 +56,7 @@ TWO_RANKS = {
 }
 FOUR_RANKS = {
     "tp4": [*FP32, *TP4_ONLY],
-    "tp4_lp": [*FP32, *TP4_ONLY, *LP],
+    "tp4_lp": [*FP32, *TP4_ONLY, *LP, *VALIDATION],
     "fsdp2_tp2": [*FP32, *FSDP2, *TP2],
     "fsdp2_tp2_lp": [*FP32, *FSDP2, *TP2, *LP],
     "hsdp2x1_tp2": [*FP32, *HSDP2x1, *TP2],
@@ -57,17 +72,19 @@ FOUR_RANKS = {
 def _run(nproc: int, runs: dict[str, list[str]], root: Path) -> dict[str, list[float]]:
     folder = root / f"ranks{nproc}"
     folder.mkdir()
-    ckpt_dump = str(root / "ckpt")
-    args = [
-        [*a, "--job.dump_folder", ckpt_dump if "--checkpoint.enable" in a else str(folder / n)] for n, a in runs.items()
-    ]
+    shared = {"save_fsdp4", "resume_fsdp2_tp2"}  # one dump folder: the second resumes the first's checkpoint
+    args = [[*a, "--job.dump_folder", str(root / ("ckpt" if n in shared else n))] for n, a in runs.items()]
     return dict(zip(runs, torchrun_losses(nproc, args, folder)))
 
 
 @pytest.fixture(scope="module")
-def losses(tmp_path_factory) -> dict[str, list[float]]:
-    root = tmp_path_factory.mktemp("tp")
-    out = _run(1, {"single": FP32}, root)
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tp")
+
+
+@pytest.fixture(scope="module")
+def losses(root) -> dict[str, list[float]]:
+    out = _run(1, {"single": [*FP32, *VALIDATION]}, root)
     out.update(_run(2, TWO_RANKS, root))
     out.update(_run(4, FOUR_RANKS, root))
     return out
@@ -78,6 +95,18 @@ def test_tp_matches_one_process_with_and_without_loss_parallel(losses):
     assert len(single) == 10 and single[-1] < 0.5 * single[0]
     for name in ("tp2", "tp2_lp", "tp4", "tp4_lp"):
         assert_losses_close(losses[name], single, rtol=1e-5)
+
+
+def test_validation_under_loss_parallel_matches_one_process(losses, root):
+    def validation_loss(name: str) -> float:
+        (record,) = [json.loads(line) for line in (root / name / "validation.jsonl").read_text().splitlines()]
+        return record["validation_loss"]
+
+    assert_losses_close([validation_loss("tp4_lp")], [validation_loss("single")], rtol=1e-5)
+
+
+def test_tp_composes_with_compile_and_activation_checkpointing(losses):
+    assert_losses_close(losses["tp2_lp_compile_full_ac"], losses["single"], rtol=1e-4)  # as compile alone
 
 
 def test_fsdp_and_hsdp_compose_with_tp(losses):

@@ -44,9 +44,19 @@ def apply_ac_compile_fsdp(
     (or context) parallel, sharding ``first_units`` (e.g. the embedding), each (wrapped) block, then
     ``last_unit`` (final norm + head) as one unit."""
     ac = job_config.activation_checkpoint
-    apply_ac(layers, ac.mode, ac.selective_ac_option)
-    if job_config.compile.enable and "model" in job_config.compile.components:
+    compiled = job_config.compile.enable and "model" in job_config.compile.components
+    # TorchTitan checkpoints inside the compiled block. With TP (DTensor) blocks, torch 2.13's AOTAutograd fails
+    # to save the DeviceMesh across a traced layer checkpoint, so whole-block AC then wraps the compiled block
+    # (same memory: only block inputs are kept). Per-op SAC stays inside: its policy must see the aten ops.
+    ac_outside = (
+        compiled and parallel_dims.tp_enabled and not (ac.mode == "selective" and ac.selective_ac_option == "op")
+    )
+    if not ac_outside:
+        apply_ac(layers, ac.mode, ac.selective_ac_option)
+    if compiled:
         apply_compile(layers, job_config.compile.backend)
+    if ac_outside:
+        apply_ac(layers, ac.mode, ac.selective_ac_option)
     mesh = parallel_dims.fsdp_mesh()
     if mesh is None:
         return

@@ -42,9 +42,27 @@ def check_tp_divisible(tp: int, sizes: Mapping[str, int], what: str) -> None:
             )
 
 
-def embedding_plan() -> ParallelStyle:
-    """Vocab-parallel embedding whose output is scattered over the sequence (enters SP regions)."""
-    return RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+class _CopiedOutputRowwiseParallel(RowwiseParallel):
+    """RowwiseParallel whose local output is a fresh tensor rather than a view of the DTensor's shard.
+
+    torch.compile (AOTAutograd, seen with torch 2.13) returns no gradient for a compiled block input
+    that is such a view of the vocab-parallel embedding's output, and the embedding's backward then
+    fails (``'Tensor' object has no attribute '_local_tensor'``). One copy of the sequence shard avoids it.
+    """
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        out = RowwiseParallel._prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh)
+        return out.clone() if use_local_output else out
+
+
+def embedding_plan(compiled: bool = False) -> ParallelStyle:
+    """Vocab-parallel embedding whose output is scattered over the sequence (enters SP regions).
+
+    ``compiled``: the blocks after it are torch.compile'd (see :class:`_CopiedOutputRowwiseParallel`).
+    """
+    style = _CopiedOutputRowwiseParallel if compiled else RowwiseParallel
+    return style(input_layouts=Replicate(), output_layouts=Shard(1))
 
 
 def norm_plan() -> ParallelStyle:

@@ -38,13 +38,15 @@ def validate_llama_parallelism(args: Llama3Args, parallel_dims: ParallelDims, jo
     )
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool, float8_tensorwise: bool) -> None:
+def apply_tp(
+    model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool, float8_tensorwise: bool, compiled: bool
+) -> None:
     """Megatron-style TP with sequence parallelism (TorchTitan's plan, see distributed/tensor_parallel.py)."""
     fp8 = float8_collectives(float8_tensorwise, tp_mesh)
     parallelize_module(
         model,
         tp_mesh,
-        {"tok_embeddings": embedding_plan(), "norm": norm_plan(), "output": output_plan(loss_parallel)},
+        {"tok_embeddings": embedding_plan(compiled), "norm": norm_plan(), "output": output_plan(loss_parallel)},
     )
     for block in model.layers.values():
         attn, ffn = block.attention, block.feed_forward
@@ -76,13 +78,14 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
     if parallel_dims.tp_enabled:
         tp_mesh = parallel_dims.get_mesh("tp")
         p = job_config.parallelism
+        compiled = job_config.compile.enable and "model" in job_config.compile.components
         apply_tp(
             model,
             tp_mesh,
             loss_parallel=p.enable_loss_parallel,
             float8_tensorwise=is_tensorwise(job_config.float8),
+            compiled=compiled,
         )
-        compiled = job_config.compile.enable and "model" in job_config.compile.components
         maybe_enable_async_tp(p.enable_async_tensor_parallel, compiled, tp_mesh)
     apply_ac_compile_fsdp(
         model,
