@@ -37,7 +37,6 @@ from torchtitan_hyena.distributed.utils import (
     dist_sum,
     init_distributed,
     local_device,
-    match_grad_placements_,
     set_determinism,
     set_pg_timeout,
 )
@@ -242,7 +241,6 @@ class Trainer:
                 loss.backward()
             loss_sum += loss.detach().to(torch.float64)
         params = [p for m in self.model_parts for p in m.parameters()]
-        match_grad_placements_(params)
         grad_norm = clip_grad_norm_(params, self.job_config.training.max_norm)
         self.checkpointer.wait_for_staging()
         self.last_lr = self.lr_schedulers.get_last_lr()

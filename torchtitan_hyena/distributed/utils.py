@@ -86,21 +86,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def match_grad_placements_(parameters: list[torch.nn.Parameter]) -> None:
-    """Give every DTensor gradient its parameter's placements.
-
-    Under sequence parallel, replicated weights (norms) get ``Partial`` gradients, one partial sum
-    per sequence shard, and the vocab-parallel embedding a replicated one. FSDP redistributes them
-    in its reduce-scatter; without FSDP this does it, so that the norm used for clipping and the
-    optimizer both see the true gradient (a norm of ``Partial`` shards is not the norm of their sum).
-    """
-    for p in parameters:
-        g = p.grad
-        if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
-            p.grad = g.redistribute(p.device_mesh, p.placements)
-
-
-@torch.no_grad()
 def clip_grad_norm_(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """Total gradient norm over all ranks (FSDP and TP shards included); clip when max_norm > 0.
 
