@@ -23,7 +23,9 @@ from torch.distributed.tensor.parallel import (
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
-    loss_parallel,
+)
+from torch.distributed.tensor.parallel import (
+    loss_parallel as loss_parallel_context,
 )
 
 from torchtitan_hyena.errors import ConfigError
@@ -149,4 +151,4 @@ def maybe_enable_async_tp(enabled: bool, compiled: bool, tp_mesh: DeviceMesh) ->
 
 def maybe_loss_parallel(enabled: bool) -> contextlib.AbstractContextManager:
     """Context for forward, loss and backward: cross entropy on vocab-sharded DTensor logits."""
-    return loss_parallel() if enabled else contextlib.nullcontext()
+    return loss_parallel_context() if enabled else contextlib.nullcontext()
