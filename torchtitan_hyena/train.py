@@ -25,8 +25,16 @@ from torchtitan_hyena.components.resilience import EXIT_PREEMPTED, NonFiniteGuar
 from torchtitan_hyena.components.validate import Validator
 from torchtitan_hyena.config import ConfigManager, JobConfig, config_table
 from torchtitan_hyena.config.manager import to_dict
+from torchtitan_hyena.distributed.float8 import (
+    convert_to_float8,
+    describe_accelerator,
+    precompute_float8_scales,
+    validate_float8,
+)
 from torchtitan_hyena.distributed.fsdp import DTYPES
 from torchtitan_hyena.distributed.parallel_dims import ParallelDims
+from torchtitan_hyena.distributed.parallelize_common import validate_parallelism
+from torchtitan_hyena.distributed.tensor_parallel import maybe_loss_parallel
 from torchtitan_hyena.distributed.utils import (
     clip_grad_norm_,
     dist_sum,
@@ -73,8 +81,8 @@ class Trainer:
             tp=p.tensor_parallel_degree,
             world_size=world_size,
         )
-        self._validate_against_layout()
         self.device = local_device()
+        self._validate_against_layout()
         if self.rank == 0 and c.job.print_config:
             logger.info("resolved config:\n" + config_table(c))
         pd.build_mesh(self.device.type)
@@ -84,6 +92,8 @@ class Trainer:
         self.train_spec = spec = get_train_spec(c.model.name)
         self.model_args = get_flavor_args(spec, c.model.flavor)
         self.model_args.update_from_config(c)
+        if spec.validate_fn is not None:
+            spec.validate_fn(self.model_args, pd, c)
         tokenizer = spec.build_tokenizer_fn(c)
         if tokenizer is not None and tokenizer.vocab_size > self.model_args.vocab_size:
             raise ConfigError(
@@ -193,11 +203,15 @@ class Trainer:
                 f"training.seq_len {t.seq_len} must be divisible by {split} "
                 f"(tensor_parallel_degree {pd.tp} x 2 x context_parallel_degree {pd.cp} when CP is on)"
             )
-        if c.float8.enable:
-            raise ConfigError("float8 training is not available in this build; set float8.enable = false")
+        validate_parallelism(c, pd)
+        validate_float8(c.float8, pd, describe_accelerator(self.device))
 
     def _convert_model(self, model: torch.nn.Module) -> None:
         """Module swaps that must happen on the meta model before parallelization (e.g. float8)."""
+        c = self.job_config
+        if c.float8.enable:
+            compiled = c.compile.enable and "model" in c.compile.components
+            convert_to_float8(model, c.float8, tp_degree=self.parallel_dims.tp, compiled=compiled)
 
     def _amp(self) -> contextlib.AbstractContextManager:
         """Autocast to the mixed-precision dtype when no FSDP wrapper does the casting (one rank, TP only)."""
@@ -205,6 +219,10 @@ class Trainer:
         if self.parallel_dims.fsdp_mesh() is not None or dtype == "float32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=DTYPES[dtype])
+
+    def _loss_parallel(self) -> contextlib.AbstractContextManager:
+        """Loss parallel (vocab-sharded logits) around forward, loss and backward when enabled (TP only)."""
+        return maybe_loss_parallel(self.job_config.parallelism.enable_loss_parallel)
 
     def _loss_group(self) -> dist.ProcessGroup | None:
         mesh = self.parallel_dims.get_mesh("dp_cp")
@@ -227,10 +245,11 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         model = self.model_parts[0]
         for mb in microbatches:
-            logits = self.forward(model, mb)
-            loss = self.loss_fn(logits, mb["labels"], mb.get("loss_weights")) / global_tokens.to(torch.float32)
-            del logits
-            loss.backward()
+            with self._loss_parallel():
+                logits = self.forward(model, mb)
+                loss = self.loss_fn(logits, mb["labels"], mb.get("loss_weights")) / global_tokens.to(torch.float32)
+                del logits
+                loss.backward()
             loss_sum += loss.detach().to(torch.float64)
         loss = dist_sum(loss_sum, self._loss_group())
         params = [p for m in self.model_parts for p in m.parameters()]
@@ -241,6 +260,9 @@ class Trainer:
         else:
             self.checkpointer.wait_for_staging()
             self.optimizers.step()
+            f8 = self.job_config.float8
+            if f8.enable and f8.precompute_float8_dynamic_scale_for_fsdp:
+                precompute_float8_scales(self.model_parts)
         self.lr_schedulers.step()
         return loss, grad_norm, int(global_tokens.item())
 
@@ -287,7 +309,8 @@ class Trainer:
                     self._stop_for_signal(step)
                     break
                 if self.validator is not None and (step % c.validation.freq == 0 or step == c.training.steps):
-                    val_loss, val_tokens = self.validator.validate(self.model_parts[0], self.forward)
+                    with self._loss_parallel():
+                        val_loss, val_tokens = self.validator.validate(self.model_parts[0], self.forward)
                     self.metrics.log_validation(step, val_loss, val_tokens)
                 if profiler is not None:
                     profiler.step()

@@ -132,8 +132,10 @@ class Parallelism:
     tensor_parallel_degree: int = opt(1, "tensor (and sequence) parallel degree")
     context_parallel_degree: int = opt(1, "context parallel degree")
     context_parallel_rotate_method: str = opt("allgather", "CP attention K/V exchange", ("allgather", "ring"))
-    enable_loss_parallel: bool = opt(True, "cross entropy on vocab-sharded logits under TP")
-    enable_async_tensor_parallel: bool = opt(False, "overlap TP collectives with matmuls (needs compile)")
+    enable_loss_parallel: bool = opt(False, "cross entropy on vocab-sharded logits (needs tensor_parallel_degree > 1)")
+    enable_async_tensor_parallel: bool = opt(
+        False, "overlap TP collectives with matmuls (needs compile and NVIDIA; skipped with a warning elsewhere)"
+    )
     fsdp_reshard_after_forward: str = opt(
         "default", "free gathered params after forward", ("default", "always", "never")
     )

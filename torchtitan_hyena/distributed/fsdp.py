@@ -37,7 +37,8 @@ def apply_fsdp(
         "mp_policy": MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype]),
     }
     if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # Pinned host memory needs an accelerator; on CPU runs offloading only exercises the code path.
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
     reshard = reshard_after_forward != "never"
     for unit in units:
         modules = [m for m in ([unit] if isinstance(unit, nn.Module) else unit) if m is not None]
