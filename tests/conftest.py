@@ -66,6 +66,14 @@ def assert_losses_close(actual: list[float], expected: list[float], rtol: float)
         assert abs(a - e) <= rtol * abs(e), f"step {step}: {a} vs {e} (rel {abs(a - e) / abs(e):.2e} > {rtol})"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Without a GPU, Triton kernels run under the interpreter; it must be chosen before any kernel is decorated."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 @pytest.fixture
 def tiny_args(tmp_path: Path) -> list[str]:
     return [*TINY, "--job.dump_folder", str(tmp_path / "run")]

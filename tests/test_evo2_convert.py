@@ -267,13 +267,9 @@ def test_config_weights_mismatch_and_bad_files(tmp_path, vortex):
             evo2.convert_evo2_to_dcp(path, config, out)
         assert fragment in str(e.value) and "\n" not in str(e.value), (path, config, str(e.value))
         assert not out.exists() and not list(tmp_path.glob(".out.partial*")) and not list(shards.glob(".evo2*"))
-    nested = tmp_path / "new" / "deeper" / "out"
-    with pytest.raises(UserError):
-        evo2.convert_evo2_to_dcp(tmp_path / "junk.pt", str(cfg), nested)
-    assert not (tmp_path / "new").exists()  # parents created for the output are removed again
     out.mkdir()
     (out / "x").write_text("keep")
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match="exists and is not empty"):
         evo2.convert_evo2_to_dcp(pt, str(cfg), out)
 
 

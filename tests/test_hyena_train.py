@@ -65,25 +65,30 @@ def test_resume_is_bit_exact_and_converted_checkpoints_seed_runs(tmp_path):
 
 
 def test_fsdp_tp_and_2d_match_one_process(tmp_path):
-    base = [*HYENA_TINY, *BATCH, "--parallelism.enable_loss_parallel", "false"]
-    (single,) = torchrun_losses(1, [[*base, "--job.dump_folder", str(tmp_path / "one")]], tmp_path)
-    fsdp, tp = torchrun_losses(
+    """FSDP 2, TP 2 (tied head; untied head with loss parallel) and FSDP 2 x TP 2 against one process."""
+    base = [*HYENA_TINY, *BATCH]
+    untied = ["--model.tie_embeddings", "false"]
+    tp2 = ["--parallelism.tensor_parallel_degree", "2"]
+    out = {name: ["--job.dump_folder", str(tmp_path / name)] for name in ("one", "u", "f", "t", "tu", "ft")}
+    single, single_untied = torchrun_losses(1, [[*base, *out["one"]], [*base, *untied, *out["u"]]], tmp_path)
+    fsdp, tp, tp_untied = torchrun_losses(
         2,
         [
-            [*base, "--parallelism.data_parallel_shard_degree", "2", "--job.dump_folder", str(tmp_path / "f")],
-            [*base, "--parallelism.tensor_parallel_degree", "2", "--job.dump_folder", str(tmp_path / "t")],
+            [*base, "--parallelism.data_parallel_shard_degree", "2", *out["f"]],
+            [*base, *tp2, *out["t"]],
+            [*base, *tp2, *untied, "--parallelism.enable_loss_parallel", "true", *out["tu"]],
         ],
         tmp_path,
     )
     (fsdp_tp,) = torchrun_losses(
         4,
-        [[*base, "--parallelism.data_parallel_shard_degree", "2", "--parallelism.tensor_parallel_degree", "2",
-          "--job.dump_folder", str(tmp_path / "ft")]],
+        [[*base, "--parallelism.data_parallel_shard_degree", "2", *tp2, *out["ft"]]],
         tmp_path,
-    )  # fmt: skip
-    assert single[-1] < single[0]
+    )
+    assert single[-1] < single[0] and single_untied != single
     for losses in (fsdp, tp, fsdp_tp):
         assert_losses_close(losses, single, rtol=1e-5)
+    assert_losses_close(tp_untied, single_untied, rtol=1e-5)
 
 
 FSDP_PRECISION_SCRIPT = """

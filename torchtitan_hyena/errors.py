@@ -13,22 +13,23 @@ from typing import NoReturn, TypeVar
 
 T = TypeVar("T")
 
+EXIT_USER_ERROR = 2
+
 
 class UserError(Exception):
     """A mistake in user input; the message names the problem and the fix."""
+
+    exit_code = EXIT_USER_ERROR  # the status run_cli exits with; subclasses may choose their own
 
 
 class ConfigError(UserError):
     """An invalid configuration key or value."""
 
 
-EXIT_USER_ERROR = 2
-
-
-def fail(message: str) -> NoReturn:
-    """Print a one-line error and exit with :data:`EXIT_USER_ERROR`."""
+def fail(message: str, exit_code: int = EXIT_USER_ERROR) -> NoReturn:
+    """Print a one-line error and exit with ``exit_code`` (:data:`EXIT_USER_ERROR` by default)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_USER_ERROR)
+    raise SystemExit(exit_code)
 
 
 def run_cli(main: Callable[[], T]) -> T:
@@ -36,7 +37,7 @@ def run_cli(main: Callable[[], T]) -> T:
     try:
         return main()
     except UserError as e:
-        fail(str(e))
+        fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None

@@ -1,11 +1,17 @@
 """Per-token log-likelihoods from a checkpoint.
 
     python -m torchtitan_hyena.score --checkpoint DIR --tokens IN.jsonl --output OUT.jsonl [--dtype float32]
+    python -m torchtitan_hyena.score --checkpoint DIR --fasta IN.fasta --output OUT.jsonl [--prepend_bos] [--keep_case]
 
 ``DIR`` is a step folder (training checkpoint or converter output) with ``model_args.json``.
 Input lines are ``{"tokens": [ids...]}``; output line i is ``{"logprobs": [...]}`` holding
 ``log p(x_t | x_<t)`` for t = 1..len-1 of input line i. Sequences are batched by length and
 computed in float32 unless ``--dtype`` says otherwise; the output file appears only when complete.
+
+``--fasta`` scores DNA the way Evo 2 does (``evo2/scoring.py``): each record is byte-tokenized,
+right-padded with PAD (1), optionally preceded by EOD (0) as BOS so that its first base is scored
+too, and uppercased unless ``--keep_case`` (Evo 2 models only ever saw uppercase inputs and
+labels). Output line i is ``{"id": <record id>, "logprobs": [...]}`` for record i.
 """
 
 from __future__ import annotations
@@ -100,6 +106,21 @@ def score_sequences(
     return results
 
 
+def read_fasta_tokens(path: str | Path, prepend_bos: bool, keep_case: bool) -> tuple[list[str], list[list[int]]]:
+    """(record ids, byte-token lists) of a FASTA file, prepared as Evo 2 scoring prepares them."""
+    from torchtitan_hyena.components.datasets.dna import iter_fasta
+    from torchtitan_hyena.components.tokenizers import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    bos = [tokenizer.eod_id] if prepend_bos else []
+    names, sequences = [], []
+    for record in iter_fasta(path):
+        names.append(record.name)
+        sequence = record.sequence if keep_case else record.sequence.upper()
+        sequences.append(bos + tokenizer.encode(sequence).tolist())
+    return names, sequences
+
+
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> None:
     out = Path(path)
     tmp = out.with_name(out.name + ".partial")
@@ -112,8 +133,12 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m torchtitan_hyena.score", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="step folder with model_args.json")
-    p.add_argument("--tokens", help='jsonl input, one {"tokens": [...]} per line')
+    inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--tokens", help='jsonl input, one {"tokens": [...]} per line')
+    inputs.add_argument("--fasta", help="FASTA input (DNA, byte tokenizer), one output line per record")
     p.add_argument("--output", required=True, help='jsonl output, one {"logprobs": [...]} per input line')
+    p.add_argument("--prepend_bos", action="store_true", help="--fasta: prepend EOD (0) as BOS to score every base")
+    p.add_argument("--keep_case", action="store_true", help="--fasta: score the bytes as written (default uppercases)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default float32)")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
@@ -123,7 +148,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} requested but no GPU is visible; use --device cpu")
     return device
@@ -131,15 +159,24 @@ def resolve_device(name: str) -> torch.device:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.tokens is None:
-        raise UserError("give the sequences to score with --tokens IN.jsonl")
     if args.batch_size <= 0:
         raise UserError(f"--batch_size must be positive, got {args.batch_size}")
-    sequences = read_token_lines(args.tokens)
+    if not Path(args.output).parent.is_dir() or Path(args.output).is_dir():
+        raise UserError(f"--output {args.output} must be a file in an existing folder")
+    if args.tokens is not None and (args.prepend_bos or args.keep_case):
+        raise UserError("--prepend_bos and --keep_case apply to --fasta input; put a BOS id in the token lists instead")
+    if args.fasta is not None:
+        names, sequences = read_fasta_tokens(args.fasta, args.prepend_bos, args.keep_case)
+        pad_id = 1  # PAD, as Evo 2 scoring pads; causal, so it never affects real tokens
+    else:
+        names, sequences, pad_id = None, read_token_lines(args.tokens), 0
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, device, DTYPES[args.dtype])
-    scores = score_sequences(model, sequences, device, args.batch_size)
-    write_jsonl_atomic(args.output, ({"logprobs": s} for s in scores))
+    scores = score_sequences(model, sequences, device, args.batch_size, pad_id)
+    rows = [{"logprobs": s} for s in scores]
+    if names is not None:
+        rows = [{"id": name, **row} for name, row in zip(names, rows)]
+    write_jsonl_atomic(args.output, rows)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,22 @@ import torch.distributed as dist
 from torchtitan_hyena.components.checkpoint import CheckpointManager
 from torchtitan_hyena.components.dataloader import batch_to_device
 from torchtitan_hyena.components.datasets.base import IGNORE_INDEX
+from torchtitan_hyena.components.datasets.dna_targets import LossShaping
 from torchtitan_hyena.components.metrics import MetricsProcessor
+from torchtitan_hyena.components.resilience import EXIT_PREEMPTED, NonFiniteGuard, StopSignals
 from torchtitan_hyena.components.validate import Validator
 from torchtitan_hyena.config import ConfigManager, JobConfig, config_table
 from torchtitan_hyena.config.manager import to_dict
+from torchtitan_hyena.distributed.float8 import (
+    convert_to_float8,
+    describe_accelerator,
+    precompute_float8_scales,
+    validate_float8,
+)
 from torchtitan_hyena.distributed.fsdp import DTYPES
 from torchtitan_hyena.distributed.parallel_dims import ParallelDims
+from torchtitan_hyena.distributed.parallelize_common import validate_parallelism
+from torchtitan_hyena.distributed.tensor_parallel import maybe_loss_parallel
 from torchtitan_hyena.distributed.utils import (
     clip_grad_norm_,
     dist_sum,
@@ -34,6 +45,7 @@ from torchtitan_hyena.distributed.utils import (
 )
 from torchtitan_hyena.errors import ConfigError, run_cli
 from torchtitan_hyena.protocols.train_spec import get_flavor_args, get_train_spec
+from torchtitan_hyena.tools import dry_run
 from torchtitan_hyena.tools.flops import get_peak_flops
 from torchtitan_hyena.tools.logging import init_logger, logger
 from torchtitan_hyena.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
@@ -69,8 +81,8 @@ class Trainer:
             tp=p.tensor_parallel_degree,
             world_size=world_size,
         )
-        self._validate_against_layout()
         self.device = local_device()
+        self._validate_against_layout()
         if self.rank == 0 and c.job.print_config:
             logger.info("resolved config:\n" + config_table(c))
         pd.build_mesh(self.device.type)
@@ -80,6 +92,8 @@ class Trainer:
         self.train_spec = spec = get_train_spec(c.model.name)
         self.model_args = get_flavor_args(spec, c.model.flavor)
         self.model_args.update_from_config(c)
+        if spec.validate_fn is not None:
+            spec.validate_fn(self.model_args, pd, c)
         tokenizer = spec.build_tokenizer_fn(c)
         if tokenizer is not None and tokenizer.vocab_size > self.model_args.vocab_size:
             raise ConfigError(
@@ -98,6 +112,7 @@ class Trainer:
             dp_rank=self.dp_rank,
             dp_degree=self.dp_degree,
             seed=t.seed,
+            loss_shaping=LossShaping.from_config(t),
         )
         self.dataloader = spec.build_dataloader_fn(
             split=t.dataset_split,
@@ -155,6 +170,12 @@ class Trainer:
             model_info=(c.model.name, c.model.flavor, self.model_args),
             job_config_dict=to_dict(c),
         )
+        self.nonfinite = NonFiniteGuard(t.on_nonfinite_loss, t.max_nonfinite_skips, self.checkpointer)
+        self.stop_signals = StopSignals()
+        self.preempted = False
+        self.stop_signals.install()  # before the (long) resume: a signal during it stops after the first step
+        # Resume (or seed) before anything is written, so a bad checkpoint leaves no trace on disk.
+        self.state.step = self.checkpointer.load()
         self.metrics = MetricsProcessor(
             dump_folder=self.dump_folder,
             enable_tensorboard=c.metrics.enable_tensorboard,
@@ -182,11 +203,15 @@ class Trainer:
                 f"training.seq_len {t.seq_len} must be divisible by {split} "
                 f"(tensor_parallel_degree {pd.tp} x 2 x context_parallel_degree {pd.cp} when CP is on)"
             )
-        if c.float8.enable:
-            raise ConfigError("float8 training is not available in this build; set float8.enable = false")
+        validate_parallelism(c, pd)
+        validate_float8(c.float8, pd, describe_accelerator(self.device))
 
     def _convert_model(self, model: torch.nn.Module) -> None:
         """Module swaps that must happen on the meta model before parallelization (e.g. float8)."""
+        c = self.job_config
+        if c.float8.enable:
+            compiled = c.compile.enable and "model" in c.compile.components
+            convert_to_float8(model, c.float8, tp_degree=self.parallel_dims.tp, compiled=compiled)
 
     def _amp(self) -> contextlib.AbstractContextManager:
         """Autocast to the mixed-precision dtype when no FSDP wrapper does the casting (one rank, TP only)."""
@@ -194,6 +219,10 @@ class Trainer:
         if self.parallel_dims.fsdp_mesh() is not None or dtype == "float32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=DTYPES[dtype])
+
+    def _loss_parallel(self) -> contextlib.AbstractContextManager:
+        """Loss parallel (vocab-sharded logits) around forward, loss and backward when enabled (TP only)."""
+        return maybe_loss_parallel(self.job_config.parallelism.enable_loss_parallel)
 
     def _loss_group(self) -> dist.ProcessGroup | None:
         mesh = self.parallel_dims.get_mesh("dp_cp")
@@ -216,18 +245,26 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         model = self.model_parts[0]
         for mb in microbatches:
-            logits = self.forward(model, mb)
-            loss = self.loss_fn(logits, mb["labels"], mb.get("loss_weights")) / global_tokens.to(torch.float32)
-            del logits
-            loss.backward()
+            with self._loss_parallel():
+                logits = self.forward(model, mb)
+                loss = self.loss_fn(logits, mb["labels"], mb.get("loss_weights")) / global_tokens.to(torch.float32)
+                del logits
+                loss.backward()
             loss_sum += loss.detach().to(torch.float64)
+        loss = dist_sum(loss_sum, self._loss_group())
         params = [p for m in self.model_parts for p in m.parameters()]
         grad_norm = clip_grad_norm_(params, self.job_config.training.max_norm)
-        self.checkpointer.wait_for_staging()
         self.last_lr = self.lr_schedulers.get_last_lr()
-        self.optimizers.step()
+        if self.nonfinite.should_skip(self.state.step, loss, grad_norm):
+            self.optimizers.zero_grad()  # the schedule still advances: lr stays a function of the step
+        else:
+            self.checkpointer.wait_for_staging()
+            self.optimizers.step()
+            f8 = self.job_config.float8
+            if f8.enable and f8.precompute_float8_dynamic_scale_for_fsdp:
+                precompute_float8_scales(self.model_parts)
         self.lr_schedulers.step()
-        return dist_sum(loss_sum, self._loss_group()), grad_norm, int(global_tokens.item())
+        return loss, grad_norm, int(global_tokens.item())
 
     def _seed_step(self, step: int) -> None:
         """Per-step RNG state (dropout): a pure function of (seed, step, dp rank), so resume reproduces it."""
@@ -235,7 +272,6 @@ class Trainer:
 
     def train(self) -> list[float]:
         c = self.job_config
-        self.state.step = self.checkpointer.load()
         losses: list[float] = []
         data_iter = iter(self.dataloader)
         accumulation = self.dataloader.accumulation_steps
@@ -264,12 +300,17 @@ class Trainer:
                 self.metrics.step_done()
                 if step == 1:
                     set_pg_timeout(c.comm.train_timeout_seconds)
-                if step % c.metrics.log_freq == 0 or step == last:
+                stop = self.stop_signals.agreed()
+                if step % c.metrics.log_freq == 0 or step == last or stop:
                     self.metrics.log(step, losses[-1], grad_norm.item(), self.last_lr, self.state.ntokens_seen)
-                self.checkpointer.save(step, last_step=step == c.training.steps, force=step == last)
+                self.checkpointer.save(step, last_step=step == c.training.steps, force=step == last or stop)
                 self.checkpointer.poll()
+                if stop:
+                    self._stop_for_signal(step)
+                    break
                 if self.validator is not None and (step % c.validation.freq == 0 or step == c.training.steps):
-                    val_loss, val_tokens = self.validator.validate(self.model_parts[0], self.forward)
+                    with self._loss_parallel():
+                        val_loss, val_tokens = self.validator.validate(self.model_parts[0], self.forward)
                     self.metrics.log_validation(step, val_loss, val_tokens)
                 if profiler is not None:
                     profiler.step()
@@ -280,13 +321,29 @@ class Trainer:
         logger.info(f"training done at step {self.state.step}")
         return losses
 
+    def _stop_for_signal(self, step: int) -> None:
+        self.preempted = True
+        if self.job_config.checkpoint.enable:
+            saved = f"saved checkpoint {self.checkpointer.folder / f'step-{step}'}"
+        else:
+            saved = "checkpoint.enable = false, nothing saved"
+        logger.warning(f"stop signal after step {step}: {saved}; exiting with status {EXIT_PREEMPTED}")
+
     def close(self) -> None:
+        self.stop_signals.restore()
         self.checkpointer.close()
         self.metrics.close()
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(dry_run.HELP + "\n")
+    argv, dry_run_flags = dry_run.split_flags(argv)
     config = ConfigManager().parse_args(argv)
+    if dry_run_flags is not None:
+        dry_run.run(config, dry_run_flags)
+        return
     trainer = None
     try:
         trainer = Trainer(config)
@@ -296,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
             trainer.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+    if trainer.preempted:
+        raise SystemExit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

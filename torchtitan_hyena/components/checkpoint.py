@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
@@ -55,6 +55,13 @@ def read_metadata(path: Path) -> dict[str, Any]:
         return FileSystemReader(str(path)).read_metadata().state_dict_metadata
     except Exception as e:
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def dcp_error(e: BaseException) -> BaseException:
+    """What actually failed: DCP wraps every error, even Ctrl-C, in CheckpointException (a BaseException)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        return next(iter(e.failures.values()))[0]
+    return e
 
 
 def model_state_dict(model_parts: list[nn.Module]) -> dict[str, Any]:
@@ -95,7 +102,8 @@ def load_model_weights(model_parts: list[nn.Module], path: Path, strict_shapes: 
         raise UserError(f"checkpoint {path} has no tensor that matches the model; check model.name and model.flavor")
     try:
         dcp.load(to_load, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
-    except Exception as e:
+    except (Exception, CheckpointException) as e:
+        e = dcp_error(e)
         raise UserError(f"could not read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     loaded = {renamed[k]: v for k, v in to_load.items()}
     for part in model_parts:
@@ -178,7 +186,8 @@ class CheckpointManager:
         state = {n: self.stateful[n].state_dict() for n in names}
         try:
             dcp.load(state, checkpoint_id=str(path))
-        except Exception as e:
+        except (Exception, CheckpointException) as e:
+            e = dcp_error(e)
             raise UserError(f"could not restore training state from {path} ({type(e).__name__}: {e})") from None
         for n in names:
             self.stateful[n].load_state_dict(state[n])

@@ -18,6 +18,8 @@ from torch.utils.data import Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from torchtitan_hyena.components.datasets.base import TokenSource, WindowDataset
+from torchtitan_hyena.components.datasets.dna_targets import ByteTargets, LossShaping
+from torchtitan_hyena.components.tokenizers import ByteTokenizer
 from torchtitan_hyena.errors import UserError
 
 # torchdata calls a torch API that torch itself has deprecated; the warning is not actionable here.
@@ -42,7 +44,9 @@ def build_source(name: str, **kwargs: Any) -> TokenSource:
 def _register_builtin() -> None:
     if "neural_pile" in _SOURCES:
         return
+    from torchtitan_hyena.components.datasets.dna import load_dna_source
     from torchtitan_hyena.components.datasets.hf import load_hf_split
+    from torchtitan_hyena.components.datasets.memmap import load_memmap_source
     from torchtitan_hyena.components.datasets.mock import MockSource
     from torchtitan_hyena.components.datasets.neural_pile import NeuralPileSource
 
@@ -53,6 +57,13 @@ def _register_builtin() -> None:
         ),
     )
     register_dataset("mock", lambda path, split, tokenizer, seed, shuffle, vocab_size: MockSource(vocab_size, seed))
+    for name, load in (("dna", load_dna_source), ("memmap", load_memmap_source)):
+        register_dataset(
+            name,
+            lambda path, split, tokenizer, seed, shuffle, vocab_size, load=load: load(
+                path, split, tokenizer, seed, shuffle
+            ),
+        )
 
 
 class LayoutInvariantBatchSampler(Sampler[list[int]]):
@@ -99,8 +110,14 @@ class LayoutInvariantBatchSampler(Sampler[list[int]]):
 class ParallelAwareDataloader(StatefulDataLoader):
     """StatefulDataLoader whose checkpoint state is the global window cursor, valid on any layout."""
 
-    def __init__(self, dataset: WindowDataset, sampler: LayoutInvariantBatchSampler, num_workers: int = 0) -> None:
-        super().__init__(dataset, batch_sampler=sampler, num_workers=num_workers)
+    def __init__(
+        self,
+        dataset: WindowDataset,
+        sampler: LayoutInvariantBatchSampler,
+        num_workers: int = 0,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+    ) -> None:
+        super().__init__(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn)
         self.layout_sampler = sampler
 
     @property
@@ -134,12 +151,20 @@ def build_dataloader(
     seed: int,
     shuffle: bool,
     infinite: bool,
+    loss_shaping: LossShaping | None = None,
 ) -> ParallelAwareDataloader:
-    """Build the loader for one split. ``infinite`` re-loops epochs (training); else one pass."""
+    """Build the loader for one split. ``infinite`` re-loops epochs (training); else one pass.
+
+    ``loss_shaping`` applies to byte-tokenized (DNA/text) data only: Evo 2's uppercasing,
+    lowercase loss weights, control-tag and EOD masking (see ``datasets/dna_targets.py``).
+    """
     source = build_source(
         dataset, path=path, split=split, tokenizer=tokenizer, seed=seed, shuffle=shuffle, vocab_size=vocab_size
     )
-    windows = WindowDataset(source, seq_len, vocab_size, infinite=infinite)
+    targets = None
+    if loss_shaping is not None and isinstance(tokenizer, ByteTokenizer):
+        targets = ByteTargets(loss_shaping, tokenizer.eod_id)
+    windows = WindowDataset(source, seq_len, vocab_size, infinite=infinite, targets=targets)
     if not infinite and len(windows) < global_batch:
         raise UserError(
             f"split {split!r} of {path} has {len(windows)} windows of {seq_len + 1} tokens, fewer than one "
@@ -148,7 +173,7 @@ def build_dataloader(
     sampler = LayoutInvariantBatchSampler(
         global_batch, local_batch, dp_rank, dp_degree, num_windows=None if infinite else len(windows)
     )
-    return ParallelAwareDataloader(windows, sampler)
+    return ParallelAwareDataloader(windows, sampler, collate_fn=None if targets is None else targets.collate)
 
 
 def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

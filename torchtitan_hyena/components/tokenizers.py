@@ -1,14 +1,17 @@
 """Tokenizers, chosen by the dataset: the data decide what a token id means.
 
-Neural Pile spikes need no tokenizer beyond a vocabulary (a token is a spike count); random mock
-data take the model's vocabulary; other datasets register their own.
+Neural Pile spikes need no tokenizer beyond a vocabulary (a token is a spike count); DNA and text
+are bytes (Evo 2's CharLevelTokenizer); random mock data take the model's vocabulary; preprocessed
+memmap data name their tokenizer in their metadata; other datasets register their own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -26,10 +29,40 @@ class SpikeTokenizer:
         """Counts are clipped here so that no count collides with the separator."""
         return self.vocab_size - 2
 
+    @property
+    def max_token_id(self) -> int:
+        return self.separator
+
+
+@dataclass(frozen=True)
+class ByteTokenizer:
+    """Evo 2's ``CharLevelTokenizer(512)``: a token is a UTF-8 byte (A=65, a=97); EOD 0, PAD 1.
+
+    The vocabulary is 512 as in the Evo 2 checkpoints; ids 256-511 are never produced.
+    """
+
+    vocab_size: int = 512
+    eod_id: ClassVar[int] = 0
+    pad_id: ClassVar[int] = 1
+    max_token_id: ClassVar[int] = 255
+
+    def encode(self, text: str | bytes) -> np.ndarray:
+        """Token ids (uint8) of ``text``; a ``str`` is UTF-8 encoded first."""
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        return np.frombuffer(data, dtype=np.uint8)
+
+
+def _memmap_tokenizer(job_config: Any) -> Any:
+    from torchtitan_hyena.components.datasets.memmap import tokenizer_of
+
+    return tokenizer_of(job_config.training.dataset_path, job_config.training.dataset_split)
+
 
 _TOKENIZERS: dict[str, Callable[[Any], Any]] = {
     "neural_pile": lambda job_config: SpikeTokenizer(256),
     "mock": lambda job_config: None,
+    "dna": lambda job_config: ByteTokenizer(512),
+    "memmap": _memmap_tokenizer,
 }
 
 

@@ -98,12 +98,28 @@ class LRScheduler:
 
 @dataclass
 class Training:
-    dataset: str = opt("neural_pile", "dataset kind (neural_pile, mock, ...)")
+    dataset: str = opt("neural_pile", "dataset kind (neural_pile, dna, memmap, mock, ...)")
     dataset_path: str = opt(
-        "tests/assets/neural_pile_sample", "HF repo id (e.g. eminorhan/neural-pile-rodent) or local folder"
+        "tests/assets/neural_pile_sample",
+        "HF repo id (e.g. eminorhan/neural-pile-rodent) or local folder; dna: FASTA/jsonl file or folder; "
+        "memmap: preprocess output folder",
     )
     dataset_split: str = opt("train", "split to train on")
-    shuffle: bool = opt(False, "shuffle rows each epoch with the training seed")
+    shuffle: bool = opt(False, "shuffle rows (documents) each epoch with the training seed")
+    to_upper: str = opt(
+        "normalized_weighted",
+        "DNA/byte data: uppercase inputs and labels; weighted: lowercase labels get lowercase_loss_reweighting; "
+        "normalized_weighted (Evo 2): weighted, then renormalized to sum to each microbatch's label count",
+        ("none", "upper", "weighted", "normalized_weighted"),
+    )
+    lowercase_loss_reweighting: float = opt(0.1, "DNA/byte data: loss weight of lowercase (soft-masked) labels")
+    mask_loss_control_tags: bool = opt(True, "DNA/byte data: no loss on control tags (@, #, |d__...;...| spans)")
+    eod_loss_mask: str = opt(
+        "none",
+        "DNA/byte data: drop the loss on the label after an EOD (after_eod, Megatron eod_mask_loss), on EOD labels "
+        "(eod), or both",
+        ("none", "after_eod", "eod", "both"),
+    )
     local_batch_size: int = opt(8, "sequences per microbatch per data-parallel rank")
     global_batch_size: int = opt(-1, "sequences per optimizer step; -1 = local x data-parallel degree")
     seq_len: int = opt(2048, "tokens per sequence (also the model's max length)")
@@ -116,6 +132,10 @@ class Training:
     deterministic: bool = opt(False, "deterministic kernels (bit-reproducible on CPU)")
     gc_freq: int = opt(50, "run Python GC every N steps (automatic GC is disabled)")
     enable_cpu_offload: bool = opt(False, "FSDP CPU offload of parameters, gradients and optimizer state")
+    on_nonfinite_loss: str = opt(
+        "stop", "NaN/Inf loss or grad norm: stop before the update (exit 3), or skip the update", ("stop", "skip")
+    )
+    max_nonfinite_skips: int = opt(10, "with on_nonfinite_loss = skip: stop at the next bad step after this many")
 
 
 @dataclass
@@ -125,8 +145,10 @@ class Parallelism:
     tensor_parallel_degree: int = opt(1, "tensor (and sequence) parallel degree")
     context_parallel_degree: int = opt(1, "context parallel degree")
     context_parallel_rotate_method: str = opt("allgather", "CP attention K/V exchange", ("allgather", "ring"))
-    enable_loss_parallel: bool = opt(True, "cross entropy on vocab-sharded logits under TP")
-    enable_async_tensor_parallel: bool = opt(False, "overlap TP collectives with matmuls (needs compile)")
+    enable_loss_parallel: bool = opt(False, "cross entropy on vocab-sharded logits (needs tensor_parallel_degree > 1)")
+    enable_async_tensor_parallel: bool = opt(
+        False, "overlap TP collectives with matmuls (needs compile and NVIDIA; skipped with a warning elsewhere)"
+    )
     fsdp_reshard_after_forward: str = opt(
         "default", "free gathered params after forward", ("default", "always", "never")
     )

@@ -162,6 +162,7 @@ def validate(config: JobConfig) -> None:
         "training.max_norm": c.training.max_norm,
         "checkpoint.keep_latest_k": c.checkpoint.keep_latest_k,
         "training.seed": c.training.seed,
+        "training.max_nonfinite_skips": c.training.max_nonfinite_skips,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -217,7 +218,8 @@ class ConfigManager:
             raise SystemExit(0)
         overrides = _split_cli(argv)
         config = JobConfig()
-        config_file = next((v for s, k, v in overrides if (s, k) == ("job", "config_file")), None)
+        # The last --job.config_file wins, like every other repeated option.
+        config_file = next((v for s, k, v in reversed(overrides) if (s, k) == ("job", "config_file")), None)
         if config_file:
             for section, values in load_toml(config_file).items():
                 if not isinstance(values, dict):

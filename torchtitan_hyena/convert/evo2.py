@@ -22,21 +22,20 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from torchtitan_hyena.convert.common import DTYPES, LazyTensor, atomic_output_dir, save_dcp_streaming, with_progress
 from torchtitan_hyena.errors import ConfigError, UserError
 from torchtitan_hyena.models.hyena.args import HyenaArgs, layout_from_indices
 from torchtitan_hyena.models.hyena.filters import mr_decay
 from torchtitan_hyena.protocols.model import read_model_args, write_model_args
 from torchtitan_hyena.tools.logging import logger
-
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 _KIND_INDEX_KEYS = {"*": "attn_layer_idxs", "S": "hcs_layer_idxs", "D": "hcm_layer_idxs", "H": "hcl_layer_idxs"}
 # vortex YAML values this model implements; anything else is a different architecture.
@@ -257,8 +256,9 @@ def infer_layout(keys: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- vortex -> model
-def vortex_to_model(state: dict[str, Any], args: HyenaArgs, source: str) -> dict[str, torch.Tensor]:
-    """Validate a vortex state dict against ``args`` and return model tensors (fp32, model FQNs)."""
+def vortex_to_model(state: dict[str, Any], args: HyenaArgs, source: str) -> dict[str, LazyTensor]:
+    """Validate a vortex state dict against ``args``; return the model's tensors (fp32, model FQNs), read from
+    the source only when written (small filter tensors are converted and checked right away)."""
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not any(k.startswith("blocks.") for k in tensors):
         raise UserError(f"{source} is not a vortex state dict (no blocks.* tensors); is it an Evo 2 checkpoint?")
@@ -279,27 +279,27 @@ def vortex_to_model(state: dict[str, Any], args: HyenaArgs, source: str) -> dict
             )
     _adopt_rope_base(state, args, source)
     _check_extras(state, {key for key, *_ in rows}, source)
-    out: dict[str, torch.Tensor] = {}
     decay = _decay(args)
-    for key, _shape, name, transform in rows:
+    out: dict[str, LazyTensor] = {}
+    for key, shape, name, transform in rows:
         t = tensors[key]
-        if transform == "squeeze":
-            out[name] = t.float().squeeze(1).clone()
-        elif transform == "mr":
-            h_hat = t.double().squeeze(1) / decay
+        if transform == "mr":
+            h_hat = (t.double().squeeze(1) / decay).float()  # small (G, 128): checked now, kept
             if not torch.isfinite(h_hat).all():
                 raise UserError(f"{source}: {key} / decay overflows; check the model's mr_decay_len and preset")
-            out[name] = h_hat.float()
+            out[name] = LazyTensor(tuple(h_hat.shape), torch.float32, lambda h=h_hat: h)
         elif transform == "log_poles":
             lp = t.double().squeeze(-1)
             if not (lp < 0).all():
                 raise UserError(f"{source}: {key} has non-negative log-poles; the LI filter would not decay")
             x = torch.log(-lp)
             p = x.float()
-            out[name] = p
-            out[_gamma_key(name)] = (x - p.double()).float()
-        else:
-            out[name] = t.float().clone()
+            out[name] = LazyTensor(tuple(p.shape), torch.float32, lambda p=p: p)
+            gamma = (x - p.double()).float()
+            out[_gamma_key(name)] = LazyTensor(tuple(gamma.shape), torch.float32, lambda g=gamma: g)
+        else:  # read from the memory-mapped file only when the writer reaches it
+            model_shape = shape[:1] + shape[2:] if transform == "squeeze" else shape
+            out[name] = LazyTensor(model_shape, torch.float32, lambda t=t, s=model_shape: t.float().reshape(s))
     return out
 
 
@@ -415,64 +415,37 @@ def open_state_dict(path: str | Path, scratch: Path) -> Iterator[tuple[dict[str,
             merged.unlink(missing_ok=True)
 
 
-def _fresh_output(path: Path) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise UserError(f"output {path} already exists; choose a new path or remove it")
-
-
-def _check_against_model(model_sd: dict[str, torch.Tensor], args: HyenaArgs) -> None:
+def _check_against_model(tensors: dict[str, LazyTensor], args: HyenaArgs) -> None:
     """The converted tensors must be exactly the model's state dict (guards the key schema)."""
     from torchtitan_hyena.models.hyena.model import StripedHyena
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in StripedHyena(args).state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in model_sd.items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
     if got != expected:
         diff = sorted(set(got.items()) ^ set(expected.items()))[:3]
         raise RuntimeError(f"evo2 conversion schema out of sync with the model: {diff}")
 
 
-@contextmanager
-def _output_parent(path: Path) -> Iterator[None]:
-    """Create the missing parent folders of ``path``; remove them again if the block fails."""
-    missing = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        yield
-    except BaseException:
-        for p in missing:  # innermost first
-            with suppress(OSError):
-                p.rmdir()
-        raise
-
-
-def convert_evo2_to_dcp(input_path: str | Path, config: str, output_dir: str | Path) -> Path:
-    """vortex checkpoint -> DCP folder with ``model_args.json``; nothing is left behind on failure."""
-    import torch.distributed.checkpoint as dcp
-
+def convert_evo2_to_dcp(input_path: str | Path, config: str, output_dir: str | Path, overwrite: bool = False) -> Path:
+    """vortex checkpoint -> DCP folder with ``model_args.json``, one tensor in memory at a time; nothing is
+    left behind on failure."""
     out = Path(output_dir)
-    _fresh_output(out)
     args, flavor = load_config(config)
-    with _output_parent(out):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        try:
-            with open_state_dict(input_path, out.parent) as (state, source):
-                model_sd = vortex_to_model(state, args, source)
-            _check_against_model(model_sd, args)
-            dcp.save(model_sd, checkpoint_id=str(tmp))
-            write_model_args(tmp, "hyena", flavor, args)
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    n = sum(t.numel() for t in model_sd.values())
-    logger.info(f"wrote {out} ({len(model_sd)} tensors, {n:,} parameters, {args.n_layers} layers {args.layout})")
+    t0 = time.perf_counter()
+    with atomic_output_dir(out, overwrite) as tmp, open_state_dict(input_path, out.parent) as (state, source):
+        tensors = vortex_to_model(state, args, source)
+        _check_against_model(tensors, args)
+        logger.info(f"{source}: {args.n_layers} layers {args.layout}, dim {args.dim}; writing {len(tensors)} tensors")
+        save_dcp_streaming(with_progress(tensors), tmp)
+        write_model_args(tmp, "hyena", flavor, args)
+    logger.info(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return out
 
 
-def convert_dcp_to_evo2(input_dir: str | Path, output: str | Path, dtype: str = "bfloat16", yaml_out: str = "") -> Path:
+def convert_dcp_to_evo2(
+    input_dir: str | Path, output: str | Path, dtype: str = "bfloat16", yaml_out: str = "", overwrite: bool = False
+) -> Path:
     """DCP folder (training step or converter output) -> vortex ``.pt`` (+ optional vortex YAML)."""
     import yaml
 
@@ -482,9 +455,9 @@ def convert_dcp_to_evo2(input_dir: str | Path, output: str | Path, dtype: str = 
     out = Path(output)
     if out.suffix != ".pt":
         raise UserError(f"--output {output} must end in .pt (vortex loads a .pt state dict)")
-    _fresh_output(out)
-    if yaml_out:
-        _fresh_output(Path(yaml_out))
+    for path in [out] + ([Path(yaml_out)] if yaml_out else []):
+        if path.exists() and not overwrite:
+            raise UserError(f"output {path} already exists; pass --overwrite or choose another path")
     name, _flavor, values = read_model_args(input_dir)
     if name != "hyena":
         raise UserError(f"{input_dir} holds a {name!r} model; dcp_to_evo2 exports hyena checkpoints only")
@@ -494,13 +467,12 @@ def convert_dcp_to_evo2(input_dir: str | Path, output: str | Path, dtype: str = 
         model = StripedHyena(args)
     model.to_empty(device="cpu")
     load_model_weights([model], Path(input_dir))
-    dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-    state = model_to_vortex(model.state_dict(), args, dtypes[dtype])
+    state = model_to_vortex(model.state_dict(), args, DTYPES[dtype])
     writes = [(out, lambda f: torch.save(state, f))]
     if yaml_out:
         writes.append((Path(yaml_out), lambda f: f.write(text.encode())))
-    with _output_parent(out):
-        _atomic_writes(writes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_writes(writes)
     logger.info(f"wrote {out} ({len(state)} tensors, {dtype}; LI filters and inv_freq fp32)")
     return out
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import random
 
@@ -25,10 +24,6 @@ def local_device() -> torch.device:
     if dtype == "cpu":
         return torch.device("cpu")
     return torch.device(dtype, int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init_distributed(init_timeout_seconds: int, trace_buf_size: int = 0) -> None:
@@ -81,7 +76,7 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
@@ -102,19 +97,11 @@ def clip_grad_norm_(parameters: list[torch.nn.Parameter], max_norm: float) -> to
     squares = []
     for group in groups.values():
         norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)
-        squares.append(_local(norm).float() ** 2)
+        squares.append(_full(norm).float() ** 2)
     total = torch.stack(squares).sum().sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
     return total
-
-
-def dist_mean(value: torch.Tensor, group: dist.ProcessGroup | None) -> float:
-    if group is None or dist.get_world_size(group) == 1:
-        return value.item()
-    value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
-    return value.item() / dist.get_world_size(group)
 
 
 def dist_sum(value: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -123,15 +110,3 @@ def dist_sum(value: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tens
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
     return value
-
-
-def dist_max(value: float, group: dist.ProcessGroup | None = None) -> float:
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.item()
-
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)

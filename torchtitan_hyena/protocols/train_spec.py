@@ -20,6 +20,8 @@ class TrainSpec:
     ``parallelize_fn(model, parallel_dims, job_config) -> nn.Module`` applies TP/CP/AC/compile/FSDP.
     ``build_*_fn`` build the optimizer, LR scheduler, data loader, tokenizer and loss; the
     state-dict adapters convert to and from external checkpoint formats.
+    ``validate_fn(model_args, parallel_dims, job_config)`` rejects layouts the model cannot take
+    (e.g. a TP degree that does not divide the heads) before the model is built.
     """
 
     name: str
@@ -32,6 +34,7 @@ class TrainSpec:
     build_tokenizer_fn: Callable[..., Any]
     build_loss_fn: Callable[..., Any]
     state_dict_adapters: Mapping[str, Any] | None = None
+    validate_fn: Callable[..., None] | None = None
 
 
 _REGISTRY: dict[str, TrainSpec] = {}

@@ -9,6 +9,7 @@ the number of windows consumed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -33,13 +34,25 @@ class TokenSource(Protocol):
 
 
 class WindowDataset(Dataset):
-    """Map-style dataset of non-overlapping ``seq_len + 1`` windows: item w -> input/labels."""
+    """Map-style dataset of non-overlapping ``seq_len + 1`` windows: item w -> input/labels.
 
-    def __init__(self, source: TokenSource, seq_len: int, vocab_size: int, infinite: bool = True) -> None:
+    ``targets`` (optional) turns a window into the item dict instead, for data whose labels or loss
+    weights depend on the tokens (e.g. Evo 2's lowercase weighting and control-tag masking).
+    """
+
+    def __init__(
+        self,
+        source: TokenSource,
+        seq_len: int,
+        vocab_size: int,
+        infinite: bool = True,
+        targets: Callable[[np.ndarray], dict[str, torch.Tensor]] | None = None,
+    ) -> None:
         self.source = source
         self.seq_len = seq_len
         self.vocab_size = vocab_size
         self.infinite = infinite
+        self.targets = targets
         self.windows_per_epoch = source.num_tokens(0) // (seq_len + 1)
         if self.windows_per_epoch == 0:
             raise UserError(
@@ -65,5 +78,7 @@ class WindowDataset(Dataset):
         return tokens
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self.targets is not None:
+            return self.targets(self.window(index))
         tokens = torch.from_numpy(self.window(index).astype(np.int64))
         return {"input": tokens[:-1], "labels": tokens[1:]}

@@ -7,7 +7,7 @@ from pathlib import Path
 from torchtitan_hyena.errors import UserError
 
 
-def _looks_like_repo_id(path: str) -> bool:
+def looks_like_repo_id(path: str) -> bool:
     parts = path.split("/")
     return len(parts) == 2 and all(parts) and not path.startswith((".", "/", "~"))
 
@@ -21,7 +21,7 @@ def load_hf_split(path: str, split: str):
     import datasets
 
     local = Path(path).expanduser()
-    if not local.exists() and not _looks_like_repo_id(path):
+    if not local.exists() and not looks_like_repo_id(path):
         raise UserError(f"training.dataset_path {path} does not exist; give a local folder or an HF repo id")
     try:
         if local.is_dir() and ((local / "dataset_dict.json").exists() or (local / "state.json").exists()):

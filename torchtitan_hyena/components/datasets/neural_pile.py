@@ -44,33 +44,39 @@ class NeuralPileSource:
         self.shuffle = shuffle
         self.seed = seed
         column = dataset.data.table.column(COLUMN)
-        self._chunks = column.chunks
-        self._chunk_start = np.cumsum([0] + [len(c) for c in self._chunks])
-        self._neurons, self._bins = self._shapes()
-        self._row_tokens = self._bins * (self._neurons + 1)
+        # Zero-copy numpy views of the (memory-mapped) uint8 buffers: row access is then pure numpy.
+        self._values = [c.values.values.to_numpy(zero_copy_only=False) for c in column.chunks]
+        chunk_ids, starts, neurons, bins = self._row_layout(column.chunks)
+        self._row_tokens = bins * (neurons + 1)
+        # Per-row (chunk, first element, neurons, bins) as Python ints: cheap scalar access per window.
+        self._rows = list(zip(chunk_ids.tolist(), starts.tolist(), neurons.tolist(), bins.tolist()))
         self._epoch: int | None = None
-        self._order = self._offsets = None
+        self._order: list[int] = []
+        self._offsets = np.zeros(1, dtype=np.int64)
 
-    def _shapes(self) -> tuple[np.ndarray, np.ndarray]:
-        neurons, bins = [], []
-        self._outer = [c.offsets.to_numpy() for c in self._chunks]
-        self._inner = [c.values.offsets.to_numpy() for c in self._chunks]
-        for outer, inner in zip(self._outer, self._inner):
-            n = np.diff(outer).astype(np.int64)
-            elems = (inner[outer[1:]] - inner[outer[:-1]]).astype(np.int64)
+    def _row_layout(self, chunks) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Vectorised row shapes from the Arrow list offsets, without touching the spike data."""
+        chunk_ids, starts, neurons, bins = [], [], [], []
+        for c, chunk in enumerate(chunks):
+            outer = chunk.offsets.to_numpy().astype(np.int64)
+            inner = chunk.values.offsets.to_numpy().astype(np.int64)
+            n = np.diff(outer)
+            elems = inner[outer[1:]] - inner[outer[:-1]]
             t = elems // np.maximum(n, 1)
             first_len = np.where(n > 0, inner[np.minimum(outer[:-1] + 1, len(inner) - 1)] - inner[outer[:-1]], 0)
             if np.any((n > 0) & ((t * n != elems) | (first_len != t))):
                 raise UserError(f"dataset {self.name}: a spike_counts row has neurons of different lengths")
+            chunk_ids.append(np.full(len(n), c))
+            starts.append(inner[outer[:-1]])
             neurons.append(n)
             bins.append(t)
-        return np.concatenate(neurons).astype(np.int64), np.concatenate(bins).astype(np.int64)
+        return tuple(np.concatenate(x).astype(np.int64) for x in (chunk_ids, starts, neurons, bins))
 
-    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _epoch_layout(self, epoch: int) -> tuple[list[int], np.ndarray]:
         if self._epoch != epoch:
             rows = len(self._row_tokens)
             order = np.random.default_rng((self.seed, epoch)).permutation(rows) if self.shuffle else np.arange(rows)
-            self._order = order
+            self._order = order.tolist()
             self._offsets = np.concatenate([[0], np.cumsum(self._row_tokens[order])])
             self._epoch = epoch
         return self._order, self._offsets
@@ -80,23 +86,18 @@ class NeuralPileSource:
 
     def row_counts(self, row: int) -> np.ndarray:
         """Row ``row``'s spike counts as a zero-copy (n, t) uint8 view."""
-        c = int(np.searchsorted(self._chunk_start, row, side="right") - 1)
-        i = row - int(self._chunk_start[c])
-        outer, inner = self._outer[c], self._inner[c]
-        lo, hi = int(inner[outer[i]]), int(inner[outer[i + 1]])
-        flat = self._chunks[c].values.values.slice(lo, hi - lo).to_numpy(zero_copy_only=False)
-        return flat.reshape(int(self._neurons[row]), int(self._bins[row]))
+        chunk, lo, n, t = self._rows[row]
+        return self._values[chunk][lo : lo + n * t].reshape(n, t)
 
     def read(self, epoch: int, start: int, stop: int) -> np.ndarray:
         order, offsets = self._epoch_layout(epoch)
-        first = int(np.searchsorted(offsets, start, side="right") - 1)
+        pos = int(offsets.searchsorted(start, side="right")) - 1
         pieces = []
-        pos = first
         while start < stop:
-            row = int(order[pos])
-            row_start = int(offsets[pos])
-            width = int(self._neurons[row]) + 1
-            a, b = start - row_start, min(stop, int(offsets[pos + 1])) - row_start
+            row = order[pos]
+            row_start, row_end = offsets[pos].item(), offsets[pos + 1].item()
+            width = self._rows[row][2] + 1
+            a, b = start - row_start, (stop if stop < row_end else row_end) - row_start
             t0, t1 = a // width, -(-b // width)
             tokens = tokenize_spikes(self.row_counts(row)[:, t0:t1], self.tokenizer)
             pieces.append(tokens[a - t0 * width : b - t0 * width])

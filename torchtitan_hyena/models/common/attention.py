@@ -11,8 +11,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from torchtitan_hyena.errors import ConfigError
+from torchtitan_hyena.tools.logging import logger
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float | None], torch.Tensor]
 
@@ -20,12 +22,26 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float | None],
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, dropout_p: float = 0.0
 ) -> torch.Tensor:
-    """Causal attention through ``F.scaled_dot_product_attention`` (flash/efficient/math kernels)."""
+    """Causal attention through ``F.scaled_dot_product_attention`` (flash/efficient/math kernels).
+
+    With fewer queries than keys (a context-parallel query chunk against the keys before it) the
+    causal mask is aligned bottom-right, as in flash-attn. ``dropout_p``: attention dropout (training).
+    """
     gqa = q.size(1) != k.size(1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=gqa)
+    if q.size(2) == k.size(2):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=gqa)
+    mask = causal_lower_right(q.size(2), k.size(2))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p, enable_gqa=gqa)
 
 
-_BACKENDS: dict[str, Callable[[], AttentionFn]] = {"sdpa": lambda: sdpa_attention}
+def _flash() -> AttentionFn:
+    from torchtitan_hyena.models.common.flash_attention import resolve_flash
+
+    return resolve_flash()
+
+
+_BACKENDS: dict[str, Callable[[], AttentionFn]] = {"sdpa": lambda: sdpa_attention, "flash": _flash}
+_logged: set[tuple[str, str]] = set()
 
 
 def register_attention_backend(name: str, resolver: Callable[[], AttentionFn]) -> None:
@@ -34,17 +50,31 @@ def register_attention_backend(name: str, resolver: Callable[[], AttentionFn]) -
 
 
 def resolve_attention_backend(name: str) -> AttentionFn:
+    """The kernel for ``model.attention_backend``; ``auto`` is flash on a GPU with flash-attn, else SDPA."""
+    requested = name
     if name == "auto":
-        name = "sdpa"
+        from torchtitan_hyena.models.common.flash_attention import flash_available
+
+        name = "flash" if flash_available() else "sdpa"
     if name not in _BACKENDS:
         raise ConfigError(f"model.attention_backend {name!r} is not available here; available: {', '.join(_BACKENDS)}")
-    return _BACKENDS[name]()
+    fn = _BACKENDS[name]()
+    used = "sdpa" if fn is sdpa_attention else name
+    if (requested, used) not in _logged:
+        _logged.add((requested, used))
+        detail = ""
+        if used == "flash":
+            from torchtitan_hyena.models.common.flash_attention import describe
+
+            detail = f" ({describe()})"
+        logger.info(f"attention backend: {used}{detail} (model.attention_backend = {requested})")
+    return fn
 
 
 class InnerAttention(nn.Module):
     """Parameter-free causal attention; context parallelism wraps or replaces this module.
 
-    ``dropout`` (attention-probability dropout, training only) needs the SDPA backend.
+    ``dropout`` (attention-probability dropout, training only) runs on SDPA (``auto`` picks it then).
     """
 
     def __init__(self, backend: str = "sdpa", scale: float | None = None, dropout: float = 0.0) -> None:
@@ -52,9 +82,9 @@ class InnerAttention(nn.Module):
         self.backend = backend
         self.scale = scale
         self.dropout = dropout
-        self.attention_fn = resolve_attention_backend(backend)
+        self.attention_fn = resolve_attention_backend("sdpa" if dropout > 0 and backend == "auto" else backend)
         if dropout > 0 and self.attention_fn is not sdpa_attention:
-            raise ConfigError(f"attention dropout needs model.attention_backend sdpa, not {backend!r}")
+            raise ConfigError(f"attention dropout needs model.attention_backend sdpa or auto, not {backend!r}")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.dropout > 0 and self.training:

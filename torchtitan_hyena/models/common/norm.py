@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchtitan_hyena.models.common.dtensor import local
-
 
 class RMSNorm(nn.Module):
     """``weight * x / (rms(x) + eps)``, computed in fp32.
@@ -23,4 +21,4 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         rms = xf.pow(2).mean(-1, keepdim=True).sqrt()
-        return (local(self.weight).float() * (xf / (rms + self.eps))).type_as(x)
+        return (self.weight.float() * (xf / (rms + self.eps))).type_as(x)

@@ -12,7 +12,7 @@ from torchtitan_hyena.components.optimizer import build_optimizers
 from torchtitan_hyena.components.tokenizers import build_tokenizer
 from torchtitan_hyena.models.hyena.args import HyenaArgs
 from torchtitan_hyena.models.hyena.model import StripedHyena
-from torchtitan_hyena.models.hyena.parallelize import parallelize_hyena
+from torchtitan_hyena.models.hyena.parallelize import parallelize_hyena, validate_hyena_parallelism
 from torchtitan_hyena.protocols.train_spec import TrainSpec, register_train_spec
 
 LAYOUT_1B = "SDH*SDHSDH*SDHSDH*SDHSDH*"
@@ -70,5 +70,6 @@ register_train_spec(
         build_dataloader_fn=build_dataloader,
         build_tokenizer_fn=build_tokenizer,
         build_loss_fn=build_cross_entropy_loss,
+        validate_fn=validate_hyena_parallelism,
     )
 )

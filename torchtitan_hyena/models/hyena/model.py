@@ -52,8 +52,10 @@ class StripedHyena(nn.Module):
     With ``tie_embeddings`` there is no output module: logits are ``x @ tok_embeddings.weight.T``.
     """
 
-    # Optimizer: no weight decay on the inner filters (with optimizer.decay_norms_and_embeddings = false).
+    # No weight decay on the inner filters (with optimizer.decay_norms_and_embeddings = false); filter MLPs
+    # (implicit_freeform) stay out of float8.
     no_weight_decay_keywords = (".mixer.filter.",)
+    no_float8_keywords = (".mixer.filter.",)
 
     def __init__(self, args: HyenaArgs) -> None:
         super().__init__()

@@ -1,6 +1,8 @@
 """Apply parallelisms to StripedHyena 2, in TorchTitan's order: TP -> AC -> compile -> FSDP.
 
-Tensor parallel plan (Megatron style, activations between blocks replicated over the TP group):
+Tensor parallel plan: Megatron TP with sequence parallelism, as for Llama (``distributed/tensor_parallel.py``):
+activations between blocks are sequence shards, norms run on them, and each mixer and MLP all-gathers its
+input once and reduce-scatters its output.
 
 * Hyena operators: ``projections`` colwise. Its 3D rows are channel triples (3i, 3i+1, 3i+2), so a
   contiguous row block is whole triples of contiguous channels and the local de-interleave is the global
@@ -8,9 +10,9 @@ Tensor parallel plan (Megatron style, activations between blocks replicated over
   term are sharded with those channels (dim 0); ``out_proj`` rowwise.
 * Attention: ``wqkv`` colwise (rows are (head, qkv, head_dim), so a row block is whole heads);
   ``out_proj`` rowwise. MLPs: ``w1``/``w3`` colwise, ``w2`` rowwise.
-* Everything else (norms, the embedding, which is also the tied head) is replicated as a DTensor on the
-  TP mesh, so every parameter lives on one mesh for FSDP and the optimizer. The vocabulary (512 for
-  Evo 2) is too small for vocab-parallel logits to pay off, so logits are full on every rank.
+* The embedding (vocab 512 for Evo 2, also the tied head) is replicated: its output is cut into sequence
+  shards, and the final norm's output is gathered again for the tied head, so logits are whole on every
+  rank. An untied head is colwise over the vocabulary (loss parallel possible), as Llama's.
 """
 
 from __future__ import annotations
@@ -18,23 +20,63 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import PrepareModuleOutput, parallelize_module
 
 from torchtitan_hyena.config import JobConfig
+from torchtitan_hyena.distributed.float8 import is_tensorwise
 from torchtitan_hyena.distributed.parallel_dims import ParallelDims
 from torchtitan_hyena.distributed.parallelize_common import apply_ac_compile_fsdp
+from torchtitan_hyena.distributed.tensor_parallel import (
+    block_input_plan,
+    check_tp_divisible,
+    float8_collectives,
+    linear_styles,
+    maybe_enable_async_tp,
+    norm_plan,
+    output_plan,
+)
 from torchtitan_hyena.errors import ConfigError
 from torchtitan_hyena.models.common.precision import fp32_modules
 from torchtitan_hyena.models.hyena.args import HyenaArgs
 from torchtitan_hyena.models.hyena.filters import ExplicitSingleDecayFilter
+from torchtitan_hyena.tools.logging import logger
+
+
+def validate_hyena_parallelism(args: HyenaArgs, parallel_dims: ParallelDims, job_config: JobConfig) -> None:
+    """Layouts StripedHyena 2 cannot take, rejected before the model is built."""
+    if parallel_dims.cp_enabled:
+        raise ConfigError("context parallelism is not available for hyena in this build; set context_parallel_degree 1")
+    check_tp_divisibility(args, parallel_dims.tp)
+    if job_config.parallelism.enable_loss_parallel and args.tie_embeddings:
+        raise ConfigError(
+            "parallelism.enable_loss_parallel needs an untied output head; hyena's tied head computes whole "
+            "logits on every rank (the vocabulary is small), so set enable_loss_parallel false"
+        )
+
+
+def check_tp_divisibility(args: HyenaArgs, tp: int) -> None:
+    """Heads, channels, MLP width and SE/MR filter groups must split evenly over ``tp`` ranks."""
+    sizes = {
+        "n_heads": args.n_heads,
+        "dim": args.dim,
+        "ffn hidden dim": args.ffn_hidden_dim,
+        "SE/MR filter groups": args.filter_groups,
+    }
+    check_tp_divisible(tp, sizes, "the hyena model's")
+    if tp > 1 and args.li_filter == "implicit_freeform" and "H" in args.layout:
+        raise ConfigError("implicit_freeform LI filters are not tensor-parallel; use implicit_modal or TP degree 1")
 
 
 def parallelize_hyena(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
     """Parallelize a meta-device StripedHyena model in place and return it."""
-    if parallel_dims.cp_enabled:
-        raise ConfigError("context parallelism is not available for hyena in this build; set context_parallel_degree 1")
+    validate_hyena_parallelism(model.args, parallel_dims, job_config)
     if parallel_dims.tp_enabled:
-        apply_tp(model, parallel_dims.get_mesh("tp"))
+        tp_mesh = parallel_dims.get_mesh("tp")
+        p = job_config.parallelism
+        compiled = job_config.compile.enable and "model" in job_config.compile.components
+        fp8 = is_tensorwise(job_config.float8)
+        apply_tp(model, tp_mesh, loss_parallel=p.enable_loss_parallel, float8_tensorwise=fp8)
+        maybe_enable_async_tp(p.enable_async_tensor_parallel, compiled, tp_mesh)
     # Tied head: the embedding is used first and last, so it stays in the root unit (gathered for the
     # whole forward; it is tiny at vocab 512). Untied: TorchTitan's embedding / (norm, head) units.
     tied = model.output is None
@@ -50,21 +92,15 @@ def parallelize_hyena(model: nn.Module, parallel_dims: ParallelDims, job_config:
     return model
 
 
-def check_tp_divisibility(args: HyenaArgs, tp: int) -> None:
-    """Heads, channels, MLP width and SE/MR filter groups must split evenly over ``tp`` ranks."""
-    for what, value in (
-        ("attention heads (n_heads)", args.n_heads),
-        ("hidden width (dim)", args.dim),
-        ("MLP width (ffn_hidden_dim)", args.ffn_hidden_dim),
-        ("SE/MR filter groups (filter_groups)", args.filter_groups),
-    ):
-        if value % tp:
-            raise ConfigError(
-                f"hyena {what} = {value} is not divisible by tensor_parallel_degree {tp}; "
-                "choose a degree that divides it"
-            )
-    if args.li_filter == "implicit_freeform" and "H" in args.layout:
-        raise ConfigError("implicit_freeform LI filters are not tensor-parallel; use implicit_modal or TP degree 1")
+class _ScatterSequence(PrepareModuleOutput):
+    """Cut the replicated embedding output into sequence shards (a copy: torch.compile returns no gradient for
+    a compiled block input that is a view of another tensor, see ``_CopiedOutputRowwiseParallel``)."""
+
+    def __init__(self) -> None:
+        super().__init__(output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True)
+
+    def _prepare_out_fn(self, outputs, device_mesh):
+        return super()._prepare_out_fn(outputs, device_mesh).clone()
 
 
 def _shard_param(module: nn.Module, name: str, mesh: DeviceMesh) -> None:
@@ -72,30 +108,50 @@ def _shard_param(module: nn.Module, name: str, mesh: DeviceMesh) -> None:
     module.register_parameter(name, nn.Parameter(distribute_tensor(param.data, mesh, [Shard(0)])))
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    tp = tp_mesh.size()
-    check_tp_divisibility(model.args, tp)
-    rank = tp_mesh.get_local_rank()
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool, float8_tensorwise: bool) -> None:
+    fp8 = float8_collectives(float8_tensorwise, tp_mesh)
+    tp, rank = tp_mesh.size(), tp_mesh.get_local_rank()
+    top = {"tok_embeddings": _ScatterSequence(), "norm": norm_plan()}
+    if model.output is not None:
+        top["output"] = output_plan(loss_parallel)
+    parallelize_module(model, tp_mesh, top)
+    if model.output is None:  # gather the final norm's output for the tied (replicated) head
+        gather = PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True)
+        parallelize_module(model.norm, tp_mesh, gather)
     for block in model.layers.values():
-        plan = {"mlp.w1": ColwiseParallel(), "mlp.w3": ColwiseParallel(), "mlp.w2": RowwiseParallel()}
-        if block.kind == "*":
-            plan |= {"mixer.wqkv": ColwiseParallel(), "mixer.out_proj": RowwiseParallel()}
-        else:
-            plan |= {"mixer.projections": ColwiseParallel(), "mixer.out_proj": RowwiseParallel()}
+        mixer, mlp = block.mixer, block.mlp
+        attention = block.kind == "*"
+        proj = "wqkv" if attention else "projections"
+        m_col, m_row, m_prep = linear_styles([getattr(mixer, proj), mixer.out_proj], fp8)
+        f_col, f_row, f_prep = linear_styles([mlp.w1, mlp.w2, mlp.w3], fp8)
+        plan = {
+            "pre_norm": norm_plan(),
+            "mixer": block_input_plan(m_prep, n_extra_args=2 if attention else 0),  # attention: (x, cos, sin)
+            f"mixer.{proj}": m_col(),
+            "mixer.out_proj": m_row(output_layouts=Shard(1)),
+            "post_norm": norm_plan(),
+            "mlp": block_input_plan(f_prep),
+            "mlp.w1": f_col(),
+            "mlp.w2": f_row(output_layouts=Shard(1)),
+            "mlp.w3": f_col(),
+        }
         parallelize_module(block, tp_mesh, plan)
-        if block.kind == "*":
+        if attention:
             continue
-        mixer = block.mixer
         _shard_param(mixer.featurizer, "weight", tp_mesh)
         if mixer.D is not None:
             _shard_param(mixer, "D", tp_mesh)
-        filt = mixer.filter
-        for name, _ in list(filt.named_parameters(recurse=False)):
-            _shard_param(filt, name, tp_mesh)
-        if isinstance(filt, ExplicitSingleDecayFilter):
-            per_rank = filt.groups // tp
-            filt.rows = (rank * per_rank, (rank + 1) * per_rank)
+        for name, _ in list(mixer.filter.named_parameters(recurse=False)):
+            _shard_param(mixer.filter, name, tp_mesh)
+        if isinstance(mixer.filter, ExplicitSingleDecayFilter):
+            per_rank = mixer.filter.groups // tp
+            mixer.filter.rows = (rank * per_rank, (rank + 1) * per_rank)
+    # Everything else (the embedding) is replicated, so every parameter lives on the TP mesh.
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if not isinstance(param, DTensor):
                 module.register_parameter(name, nn.Parameter(distribute_tensor(param.data, tp_mesh, [Replicate()])))
+    logger.info(
+        f"applied tensor parallel (degree {tp}) with sequence parallel"
+        f"{', loss parallel' if loss_parallel else ''}{', float8 all-gathers' if fp8 else ''}"
+    )

@@ -7,7 +7,7 @@ from torchtitan_hyena.components.optimizer import build_optimizers
 from torchtitan_hyena.components.tokenizers import build_tokenizer
 from torchtitan_hyena.models.llama3.args import Llama3Args
 from torchtitan_hyena.models.llama3.model import Transformer
-from torchtitan_hyena.models.llama3.parallelize import parallelize_llama
+from torchtitan_hyena.models.llama3.parallelize import parallelize_llama, validate_llama_parallelism
 from torchtitan_hyena.protocols.train_spec import TrainSpec, register_train_spec
 
 # gpt-neuro's flavors (1B, 8B) and Meta's 70B; vocab and max_seq_len come from the job config.
@@ -29,5 +29,6 @@ register_train_spec(
         build_dataloader_fn=build_dataloader,
         build_tokenizer_fn=build_tokenizer,
         build_loss_fn=build_cross_entropy_loss,
+        validate_fn=validate_llama_parallelism,
     )
 )

@@ -1,0 +1,186 @@
+# shellcheck shell=bash
+# Shared body of the Frontier job scripts (train_*.sh, evaluate_*.sh): sourced by them, never run on its own.
+# The calling script sets CONFIG_FILE (default train_configs/<name>.toml), ENTRY (the module torchrun runs),
+# SCRIPT (its own path) and REPO, then sources this file; its arguments are this file's arguments.
+#
+#   bash train_X.sh [--preflight] [--section.key value ...]
+#       Outside SLURM: derive the node count from the config's mesh (with the overrides), optionally dry-run the
+#       layout at full scale (--preflight), then submit this script with sbatch --nodes=<derived>.
+#   sbatch train_X.sh [--preflight] [--section.key value ...]
+#       Inside the job: refuse unless nodes x GPUS_PER_NODE equals the mesh, optionally dry-run, set up modules,
+#       RCCL over libfabric, caches and offline HF, then srun one torchrun per node. SLURM's USR1 (sent 600 s
+#       before the time limit: an 8B/131k step on 512 GCDs takes minutes, and the save must fit too) makes the
+#       trainer finish its step, save a checkpoint and exit; the job is then requeued and resumes from that
+#       checkpoint. TERM (scancel) also saves, but does not requeue.
+#
+# Optional environment: ACCOUNT, PARTITION, TIME (submission), GPUS_PER_NODE (8), PYTHON (python3), VENV (.venv),
+# MODULES, AWS_OFI_RCCL_DIR, CACHE_DIR, HF_HOME, MASTER_PORT, MAX_RESTARTS, SHUTDOWN_TIMEOUT, MAX_REQUEUES,
+# CPUS_PER_TASK, DEVICE (dry-run budget), CHECKPOINT (evaluation), and any NCCL_*/FI_*/TORCH_* override.
+
+die() {
+  echo "error: $*" >&2
+  exit 2
+}
+
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-mi250x}
+SCRIPT="$(cd -- "$(dirname -- "$SCRIPT")" && pwd)/$(basename -- "$SCRIPT")"
+cd "$REPO" || die "cannot enter $REPO" # CONFIG_FILE and the config's paths are relative to the repository
+
+VENV=${VENV:-$REPO/.venv}
+if [[ -f $VENV/bin/activate ]]; then
+  # shellcheck disable=SC1091  # the project's virtual environment
+  source "$VENV/bin/activate"
+fi
+
+preflight=0
+args=()
+for arg in "$@"; do
+  if [[ $arg == --preflight ]]; then preflight=1; else args+=("$arg"); fi
+done
+
+# Evaluation scripts score one checkpoint on the held-out split and write under outputs_eval/.
+entry_args=()
+if [[ $ENTRY == torchtitan_hyena.evaluate ]]; then
+  [[ -n ${CHECKPOINT:-} && -d ${CHECKPOINT:-} ]] ||
+    die "set CHECKPOINT to the step folder to evaluate, e.g. CHECKPOINT=outputs/rodent_8B_131k/checkpoint/step-20790"
+  export CHECKPOINT
+  entry_args=(--checkpoint.initial_load_path "$CHECKPOINT" --validation.steps -1
+    --job.dump_folder "./outputs_eval/$(basename "$CONFIG_FILE" .toml)")
+fi
+
+[[ -f $CONFIG_FILE ]] || die "config $CONFIG_FILE not found; set CONFIG_FILE=train_configs/<name>.toml"
+world=$("$PYTHON" -m torchtitan_hyena.tools.world_size --job.config_file "$CONFIG_FILE" ${args[@]+"${args[@]}"}) ||
+  exit 2
+((world % GPUS_PER_NODE == 0)) ||
+  die "$CONFIG_FILE needs $world ranks, not a whole number of $GPUS_PER_NODE-GPU nodes; change its parallel degrees"
+nodes=$((world / GPUS_PER_NODE))
+
+preflight_dry_run() {
+  echo "preflight: dry run of $CONFIG_FILE on $world ranks ($DEVICE)"
+  "$PYTHON" -m torchtitan_hyena.train --job.config_file "$CONFIG_FILE" ${args[@]+"${args[@]}"} \
+    --dry_run --world_size "$world" --device "$DEVICE"
+}
+
+# ---------------------------------------------------------------- submission: the node count comes from the mesh
+if [[ -z ${SLURM_JOB_ID:-} ]]; then
+  if ((preflight)); then preflight_dry_run; fi
+  submit=(sbatch --nodes="$nodes")
+  [[ -z ${ACCOUNT:-} ]] || submit+=(--account="$ACCOUNT")
+  [[ -z ${PARTITION:-} ]] || submit+=(--partition="$PARTITION")
+  [[ -z ${TIME:-} ]] || submit+=(--time="$TIME")
+  export CONFIG_FILE
+  echo "submitting $SCRIPT: $CONFIG_FILE on $nodes nodes ($world ranks)"
+  exec "${submit[@]}" "$SCRIPT" ${args[@]+"${args[@]}"}
+fi
+
+# ---------------------------------------------------------------- inside the allocation: check before spending it
+[[ ${SLURM_NNODES:-} =~ ^[0-9]+$ ]] || die "SLURM_NNODES is not set; submit with sbatch"
+((SLURM_NNODES == nodes)) ||
+  die "$CONFIG_FILE needs $world ranks = $nodes nodes x $GPUS_PER_NODE GPUs but job $SLURM_JOB_ID has $SLURM_NNODES nodes; resubmit with sbatch --nodes=$nodes (or run the script with bash, which derives it)"
+if [[ -n ${SLURM_GPUS_ON_NODE:-} ]] && ((SLURM_GPUS_ON_NODE != GPUS_PER_NODE)); then
+  die "job $SLURM_JOB_ID has $SLURM_GPUS_ON_NODE GPUs per node but the launch needs $GPUS_PER_NODE; submit with --gpus-per-node=$GPUS_PER_NODE"
+fi
+
+MODULES=${MODULES-"PrgEnv-gnu/8.5.0 rocm/6.3.1 craype-accel-amd-gfx90a"}
+if [[ -n $MODULES ]]; then
+  command -v module >/dev/null 2>&1 || die "no 'module' command: run on Frontier, or set MODULES= to skip module loads"
+  # shellcheck disable=SC2086  # a list of module names
+  module load $MODULES
+fi
+if ((preflight)); then preflight_dry_run; fi
+
+# RCCL across nodes through the aws-ofi-rccl libfabric plugin (Slingshot); without it RCCL silently uses TCP.
+AWS_OFI_RCCL_DIR=${AWS_OFI_RCCL_DIR-$REPO/.cache/aws-ofi-rccl}
+if [[ -n $AWS_OFI_RCCL_DIR ]]; then
+  [[ -f $AWS_OFI_RCCL_DIR/lib/librccl-net.so ]] ||
+    die "aws-ofi-rccl plugin not found in $AWS_OFI_RCCL_DIR/lib; build it with 'bash aws_ofi_rccl.sh' or set AWS_OFI_RCCL_DIR (empty: run over TCP sockets)"
+  export LD_LIBRARY_PATH="$AWS_OFI_RCCL_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+else
+  echo "warning: AWS_OFI_RCCL_DIR is empty: RCCL will use TCP sockets between nodes (slow)" >&2
+fi
+export NCCL_NET_GDR_LEVEL=${NCCL_NET_GDR_LEVEL:-3}  # GPU-Direct RDMA between NIC and GCD up to PHB distance
+export NCCL_ALGO=${NCCL_ALGO:-TREE}
+export NCCL_CROSS_NIC=${NCCL_CROSS_NIC:-1} # rings/trees may use different NICs on different nodes
+export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-hsn0}
+export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-hsn0}
+export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-31}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export FI_MR_CACHE_MONITOR=${FI_MR_CACHE_MONITOR:-userfaultfd}
+export FI_CXI_DEFAULT_CQ_SIZE=${FI_CXI_DEFAULT_CQ_SIZE:-131072}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3} # a failed collective ends the process
+export TORCHELASTIC_ENABLE_FILE_TIMER=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
+export LOGLEVEL=${LOGLEVEL:-INFO}
+# torchrun passes USR1 on to the trainer and gives it SHUTDOWN_TIMEOUT seconds (within the 600 s lead) to save;
+# torchrun before torch 2.12 ignores the setting and kills the workers after 30 s.
+export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-570}
+
+# Compiled-kernel caches on node-local storage (no Lustre metadata storms, no sqlite locking across nodes).
+CACHE_DIR=${CACHE_DIR:-/tmp/${USER:-$(id -un)}/torchtitan_hyena}
+export MIOPEN_USER_DB_PATH=${MIOPEN_USER_DB_PATH:-$CACHE_DIR/miopen}
+export MIOPEN_CUSTOM_CACHE_DIR=${MIOPEN_CUSTOM_CACHE_DIR:-$MIOPEN_USER_DB_PATH}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$CACHE_DIR/triton}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$CACHE_DIR/inductor}
+export PYTORCH_KERNEL_CACHE_PATH=${PYTORCH_KERNEL_CACHE_PATH:-$CACHE_DIR/kernels}
+# Datasets come from a pre-filled cache (see README): compute nodes have no internet.
+export HF_HOME=${HF_HOME:-$REPO/.cache/huggingface}
+export HF_DATASETS_CACHE=${HF_DATASETS_CACHE:-$HF_HOME/datasets}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+export HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
+
+mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+((${#hosts[@]} > 0)) || die "scontrol show hostnames gave no host for SLURM_JOB_NODELIST=${SLURM_JOB_NODELIST:-}"
+MASTER_ADDR=${hosts[0]}
+MASTER_PORT=${MASTER_PORT:-29500}
+MAX_REQUEUES=${MAX_REQUEUES:-20}
+
+srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 \
+  mkdir -p "$MIOPEN_USER_DB_PATH" "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR" "$PYTORCH_KERNEL_CACHE_PATH"
+
+launch=(
+  srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task="${CPUS_PER_TASK:-56}" --kill-on-bad-exit=1
+  torchrun --nnodes="$SLURM_NNODES" --nproc_per_node="$GPUS_PER_NODE" --max_restarts="${MAX_RESTARTS:-3}"
+  --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT"
+  -m "$ENTRY" --job.config_file "$CONFIG_FILE" ${entry_args[@]+"${entry_args[@]}"} ${args[@]+"${args[@]}"}
+)
+echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): ${launch[*]}"
+
+requeue=0
+# shellcheck disable=SC2329  # the trap handlers below call these
+forward() { kill "-$1" "$srun_pid" 2>/dev/null || true; }
+# shellcheck disable=SC2329
+on_usr1() {
+  requeue=1
+  echo "USR1: time limit near; the trainer saves after its current step, then the job is requeued" >&2
+  forward USR1
+}
+# shellcheck disable=SC2329
+on_term() {
+  echo "TERM: the trainer saves after its current step; no requeue" >&2
+  forward TERM
+}
+trap on_usr1 USR1
+trap on_term TERM
+"${launch[@]}" &
+srun_pid=$!
+status=0
+wait "$srun_pid" || status=$?
+while kill -0 "$srun_pid" 2>/dev/null; do # wait returns early when a trapped signal arrives
+  status=0
+  wait "$srun_pid" || status=$?
+done
+
+if ((requeue && status != 0)); then
+  if ((${SLURM_RESTART_COUNT:-0} >= MAX_REQUEUES)); then
+    echo "error: not requeueing job $SLURM_JOB_ID: it has restarted $SLURM_RESTART_COUNT times (MAX_REQUEUES)" >&2
+    exit "$status"
+  fi
+  echo "requeueing job $SLURM_JOB_ID; it resumes from its latest complete checkpoint"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$status"

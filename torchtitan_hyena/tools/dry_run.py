@@ -1,0 +1,374 @@
+"""Full-scale dry run: the real mesh, model and parallelize plan in one process, and a memory verdict.
+
+    python -m torchtitan_hyena.train --job.config_file X.toml --dry_run --world_size 512 [--device mi250x]
+
+One process plays rank 0 of ``world_size`` on torch's fake process group. The device mesh, the
+meta-device model and ``train_spec.parallelize_fn`` are the ones training uses, so the layout errors a
+launch would hit (degrees vs. world size, divisibility, unsupported parallelisms) show up in seconds
+on a login node. Memory per rank (rank 0 holds the largest shards) is then:
+
+* parameters, gradients, optimizer state: from the sharded (DTensor local) parameter shapes;
+* FSDP buffers: the largest unit gathered, one more prefetched, and its gradients before reduce-scatter;
+* activations: an analytic model per model family, checked against the tensors autograd saves on CPU
+  (tests/test_dry_run.py); no torch.compile fusion is assumed, so it errs high;
+* a runtime reserve of 10 % of the device (HIP/CUDA context, RCCL buffers, allocator fragmentation).
+
+It touches no data, creates no dump folder and needs no GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+from torchtitan_hyena.config import JobConfig
+from torchtitan_hyena.distributed.fsdp import DTYPES
+from torchtitan_hyena.distributed.parallel_dims import ParallelDims
+from torchtitan_hyena.errors import ConfigError
+from torchtitan_hyena.protocols.model import BaseModelArgs
+from torchtitan_hyena.protocols.train_spec import get_flavor_args, get_train_spec
+from torchtitan_hyena.tools.logging import init_logger, logger
+from torchtitan_hyena.tools.world_size import required_world_size
+
+GIB = 2**30
+# Device memory as the driver reports it (rocm-smi / nvidia-smi MiB): one MI250X GCD, H100 80GB, H200 141GB.
+DEVICE_MEMORY_GIB = {"mi250x": 65520 / 1024, "h100": 81559 / 1024, "h200": 143771 / 1024}
+RESERVE_FRACTION = 0.10
+OPTIMIZER_STATES = {"AdamW": 2, "Adam": 2}  # state tensors per parameter, in the parameter's dtype
+
+HELP = """top-level flags (not config keys):
+  --dry_run            build the mesh, meta model and parallelize plan for --world_size ranks in this one process
+                       (fake process group), print per-rank memory and a verdict; touches no data or dump folder
+  --world_size N       world size for --dry_run (default: the product of the config's parallel degrees)
+  --device NAME|GiB    memory budget for the verdict: mi250x (one GCD, default), h100, h200, or a number of GiB"""
+
+
+# ---------------------------------------------------------------------------------------------- flags
+@dataclass
+class DryRunFlags:
+    world_size: int | None = None
+    device: str = "mi250x"
+
+
+def split_flags(argv: list[str]) -> tuple[list[str], DryRunFlags | None]:
+    """Take ``--dry_run``, ``--world_size N`` and ``--device D`` out of ``argv`` (the rest are config options)."""
+    rest: list[str] = []
+    flags, dry = DryRunFlags(), False
+    seen: set[str] = set()
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name not in ("--dry_run", "--world_size", "--device"):
+            rest.append(argv[i])
+            i += 1
+            continue
+        seen.add(name)
+        if name == "--dry_run":
+            if eq:
+                raise ConfigError("--dry_run takes no value")
+            dry = True
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{name} needs a value")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if name == "--world_size":
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--world_size expects a positive integer, got {value!r}")
+            flags.world_size = int(value)
+        else:
+            device_budget_gib(value)  # validate now
+            flags.device = value
+    if not dry:
+        if seen:
+            raise ConfigError(f"{', '.join(sorted(seen))} only apply with --dry_run")
+        return rest, None
+    return rest, flags
+
+
+def device_budget_gib(device: str) -> float:
+    if device.lower() in DEVICE_MEMORY_GIB:
+        return DEVICE_MEMORY_GIB[device.lower()]
+    try:
+        gib = float(device)
+    except ValueError:
+        gib = -1.0
+    if gib <= 0:
+        raise ConfigError(f"--device must be one of {', '.join(DEVICE_MEMORY_GIB)} or a number of GiB, got {device!r}")
+    return gib
+
+
+# ---------------------------------------------------------------------------------------------- activations
+@dataclass(frozen=True)
+class ActivationInputs:
+    """What one rank's activation memory depends on, besides the model's shape."""
+
+    microbatch: int  # sequences per forward/backward
+    seq_len: int  # global sequence length
+    tp: int
+    cp: int
+    act_bytes: int  # bytes per activation element (the compute dtype)
+    ac_mode: str
+    ac_option: str
+    loss_parallel: bool
+
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    saved: int  # tensors autograd keeps from forward to backward (all layers + head), at the end of forward
+    peak: int  # the most alive at once: the layers' saved tensors plus the loss, or plus a recomputed block
+
+
+ActivationEstimator = Callable[[BaseModelArgs, ActivationInputs], ActivationEstimate]
+_ESTIMATORS: dict[str, ActivationEstimator] = {}
+
+
+def register_activation_estimator(model_name: str, estimator: ActivationEstimator) -> None:
+    """Teach the dry run the activation memory of a model family."""
+    _ESTIMATORS[model_name] = estimator
+
+
+def llama3_activations(args: BaseModelArgs, s: ActivationInputs) -> ActivationEstimate:
+    """Bytes autograd saves per token and layer, for eager Llama 3 blocks (no compile fusion).
+
+    Under TP the residual stream and the norms are sequence-sharded (SP) while the inputs of the
+    column-parallel projections are gathered; under CP each rank holds seq_len / cp tokens but the
+    gathered K/V of the whole sequence.
+    """
+    t, cp, p = s.tp, s.cp, s.act_bytes
+    tokens = s.microbatch * s.seq_len // cp
+    h, f, heads = args.dim, args.ffn_hidden_dim, args.n_heads
+    q, kv = heads * args.head_dim, args.kv_heads * args.head_dim
+    norm = 2 * 4 * h + 4  # RMSNorm keeps its input and normalised output in fp32, plus rstd
+    sdpa_out = p * q / t + 4 * heads / t  # output and log-sum-exp
+    block_input = p * h / t
+    full = (
+        2 * norm / t  # attention_norm, ffn_norm (sequence-parallel)
+        + 2 * p * h  # inputs of wq/wk/wv and w1/w3, gathered over TP
+        + p * (q + 2 * kv * cp) / t  # SDPA inputs: q, and K/V over the whole sequence
+        + sdpa_out
+        + 4 * p * f / t  # SwiGLU: w1 out, silu out, w3 out, their product
+    )
+    # Per-op SAC (activation_checkpoint.py) keeps every other matmul output (wq, wv, w1, w2) and attention.
+    op_sac = block_input + p * (q + kv + f) / t + p * h + sdpa_out
+    n = args.n_layers
+    if s.ac_mode == "none":
+        per_layer, recompute = n * full, 0.0
+    elif s.ac_mode == "full":
+        per_layer, recompute = n * block_input, full
+    elif s.ac_option == "op":
+        per_layer, recompute = n * op_sac, full
+    else:
+        every = int(s.ac_option)
+        wrapped = math.ceil(n / every)
+        per_layer, recompute = wrapped * block_input + (n - wrapped) * full, full
+    vocab = args.vocab_size / (t if s.loss_parallel else 1)
+    head_saved = norm / t + p * h + 4 * vocab  # final norm, output input, fp32 log-softmax
+    head_transient = (p + 4 + 4) * vocab  # logits, their fp32 copy, its gradient
+    block_transient = recompute + p * (2 * f / t + 2 * h)  # recomputed block, live gradients
+    # The head's tensors are freed by the time the last block's backward (and recompute) starts.
+    peak = per_layer + max(head_saved + head_transient, block_transient)
+    return ActivationEstimate(saved=int(tokens * (per_layer + head_saved)), peak=int(tokens * peak))
+
+
+register_activation_estimator("llama3", llama3_activations)
+
+
+# ---------------------------------------------------------------------------------------------- report
+@dataclass
+class MemoryReport:
+    config_file: str
+    world_size: int
+    mesh: dict[str, int]
+    model: str
+    nparams: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    fsdp_buffer_bytes: int
+    activations: ActivationEstimate | None
+    offloaded: bool  # parameters, gradients and optimizer state live in host memory
+    device: str
+    device_bytes: int
+
+    @property
+    def state_bytes(self) -> int:
+        return 0 if self.offloaded else self.param_bytes + self.grad_bytes + self.optimizer_bytes
+
+    @property
+    def reserve_bytes(self) -> int:
+        return int(RESERVE_FRACTION * self.device_bytes)
+
+    @property
+    def total_bytes(self) -> int:
+        act = self.activations.peak if self.activations is not None else 0
+        return self.state_bytes + self.fsdp_buffer_bytes + act + self.reserve_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.device_bytes
+
+    def table(self) -> str:
+        from tabulate import tabulate
+
+        where = " (host)" if self.offloaded else ""
+        act = self.activations
+        rows = [
+            [f"parameters{where}", self.param_bytes],
+            [f"gradients{where}", self.grad_bytes],
+            [f"optimizer state{where}", self.optimizer_bytes],
+            ["FSDP gather/reduce buffers", self.fsdp_buffer_bytes],
+            ["activations saved by forward (in the peak)", act.saved if act else None],
+            ["activations at their peak (backward)", act.peak if act else None],
+            [f"runtime reserve ({RESERVE_FRACTION:.0%} of device)", self.reserve_bytes],
+            ["total on device", self.total_bytes],
+        ]
+        body = tabulate(
+            [[name, "unknown" if b is None else f"{b / GIB:.2f}"] for name, b in rows],
+            headers=["per rank (rank 0)", "GiB"],
+            tablefmt="simple",
+            colalign=("left", "right"),
+            disable_numparse=True,
+        )
+        mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
+        verdict = "FITS" if self.fits else "DOES NOT FIT"
+        if act is None:
+            verdict += " (without activations: no activation model for this family)"
+        return (
+            f"dry run of {self.config_file} on {self.world_size} ranks ({mesh}): {self.model}, "
+            f"{self.nparams / 1e9:.2f}B parameters\n{body}\n"
+            f"verdict: {verdict}: {self.total_bytes / GIB:.1f} of {self.device_bytes / GIB:.1f} GiB on {self.device}"
+        )
+
+
+def _local_bytes(p: torch.Tensor) -> int:
+    local = p.to_local() if isinstance(p, DTensor) else p
+    return local.numel() * local.element_size()
+
+
+def _fsdp_unit_numels(model: nn.Module, fsdp_degree: int) -> list[int]:
+    """Elements of each FSDP unit once gathered over the FSDP dimension (still TP-sharded)."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    nested: dict[int, set[int]] = {}
+    for unit in units:
+        inner = [u for u in unit.modules() if isinstance(u, FSDPModule) and u is not unit]
+        nested[id(unit)] = {id(p) for u in inner for p in u.parameters()}
+    sizes = []
+    for unit in units:
+        own = [p for p in unit.parameters() if id(p) not in nested[id(unit)]]
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in own)
+        sizes.append(local * fsdp_degree)
+    return sizes
+
+
+def _trainer_checks(config: JobConfig, parallel_dims: ParallelDims):
+    """The trainer's own layout checks and meta-model conversions, without its data, device or state."""
+    from torchtitan_hyena.train import Trainer
+
+    shell = Trainer.__new__(Trainer)
+    shell.job_config, shell.parallel_dims = config, parallel_dims
+    return shell
+
+
+def dry_run(config: JobConfig, world_size: int | None = None, device: str = "mi250x") -> MemoryReport:
+    """Build everything training builds up to materialization, as rank 0 of ``world_size``; see module doc."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    init_logger()
+    if dist.is_initialized():
+        raise RuntimeError("a dry run needs a process without a process group")
+    world_size = world_size or required_world_size(config)
+    budget = int(device_budget_gib(device) * GIB)
+    c, p = config, config.parallelism
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        pd = ParallelDims(
+            dp_replicate=p.data_parallel_replicate_degree,
+            dp_shard=p.data_parallel_shard_degree,
+            cp=p.context_parallel_degree,
+            tp=p.tensor_parallel_degree,
+            world_size=world_size,
+        )
+        trainer = _trainer_checks(c, pd)
+        trainer._validate_against_layout()
+        pd.build_mesh("cpu")
+        spec = get_train_spec(c.model.name)
+        args = get_flavor_args(spec, c.model.flavor)
+        args.update_from_config(c)
+        with torch.device("meta"):
+            model = spec.model_cls(args)
+        trainer._convert_model(model)
+        nparams, _ = args.get_nparams_and_flops(model, c.training.seq_len)
+        model = spec.parallelize_fn(model, pd, c)
+
+        param_bytes = sum(_local_bytes(q) for q in model.parameters())
+        states = OPTIMIZER_STATES.get(c.optimizer.name, 2)
+        fsdp_units = _fsdp_unit_numels(model, pd.dp_shard * pd.cp)
+        gathered, reduce = DTYPES[c.training.mixed_precision_param].itemsize, 4
+        if fsdp_units and c.parallelism.fsdp_reshard_after_forward == "never":
+            buffers = sum(fsdp_units) * gathered + max(fsdp_units) * (gathered + reduce)
+        elif fsdp_units:
+            buffers = max(fsdp_units) * (2 * gathered + gathered + reduce)
+        else:
+            buffers = 0
+        estimator = _ESTIMATORS.get(c.model.name)
+        activations = None
+        if estimator is not None:
+            ac = c.activation_checkpoint
+            activations = estimator(
+                args,
+                ActivationInputs(
+                    microbatch=c.training.local_batch_size,
+                    seq_len=c.training.seq_len,
+                    tp=pd.tp,
+                    cp=pd.cp,
+                    act_bytes=DTYPES[c.training.mixed_precision_param].itemsize,
+                    ac_mode=ac.mode,
+                    ac_option=ac.selective_ac_option,
+                    loss_parallel=pd.tp_enabled and p.enable_loss_parallel,
+                ),
+            )
+        else:
+            logger.warning(f"no activation model for {c.model.name}; the verdict covers everything else")
+        mesh = pd.world_mesh
+        report = MemoryReport(
+            config_file=c.job.config_file or "(defaults)",
+            world_size=world_size,
+            mesh=dict(zip(mesh.mesh_dim_names or (), mesh.shape)),
+            model=f"{c.model.name} {c.model.flavor}",
+            nparams=nparams,
+            param_bytes=param_bytes,
+            grad_bytes=param_bytes,
+            optimizer_bytes=states * param_bytes,
+            fsdp_buffer_bytes=buffers,
+            activations=activations,
+            offloaded=c.training.enable_cpu_offload,
+            device=device,
+            device_bytes=budget,
+        )
+    finally:
+        dist.destroy_process_group()
+    return report
+
+
+def run(config: JobConfig, flags: DryRunFlags) -> MemoryReport:
+    """CLI entry: print the report; a layout that cannot fit is a one-line ConfigError naming the fixes."""
+    report = dry_run(config, flags.world_size, flags.device)
+    print(report.table(), flush=True)
+    if not report.fits:
+        raise ConfigError(
+            f"{report.config_file} needs ~{report.total_bytes / GIB:.1f} GiB per rank on {report.world_size} ranks "
+            f"but a {report.device} has {report.device_bytes / GIB:.1f} GiB; raise tensor/context parallel degrees, "
+            "use activation_checkpoint.mode full, or lower training.local_batch_size"
+        )
+    return report
