@@ -18,7 +18,6 @@ It touches no data, creates no dump folder and needs no GPU.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -138,6 +137,35 @@ def register_activation_estimator(model_name: str, estimator: ActivationEstimato
     _ESTIMATORS[model_name] = estimator
 
 
+def _norm_bytes(h: int) -> float:
+    return 2 * 4 * h + 4  # RMSNorm keeps its input and normalised output in fp32, plus rstd
+
+
+def _with_checkpointing(
+    s: ActivationInputs, layers: list[tuple[float, float]], block_input: float, head_saved: float, vocab: float, f: int
+) -> ActivationEstimate:
+    """Combine per-layer bytes per token, ``(full, kept by per-op SAC)``, according to the AC mode, add the head,
+    and find the peak: the saved tensors plus the loss, or plus one recomputed block and its live gradients."""
+    t, p, h = s.tp, s.act_bytes, block_input * s.tp / s.act_bytes
+    tokens = s.microbatch * s.seq_len // s.cp
+    worst = max(full for full, _ in layers)
+    if s.ac_mode == "none":
+        per_layer, recompute = sum(full for full, _ in layers), 0.0
+    elif s.ac_mode == "full":
+        per_layer, recompute = len(layers) * block_input, worst
+    elif s.ac_option == "op":
+        per_layer, recompute = sum(op for _, op in layers), worst
+    else:
+        every = int(s.ac_option)
+        per_layer = sum(block_input if i % every == 0 else full for i, (full, _) in enumerate(layers))
+        recompute = worst
+    head_transient = (p + 4 + 4) * vocab  # logits, their fp32 copy, its gradient
+    block_transient = recompute + p * (2 * f / t + 2 * h)  # recomputed block, live gradients
+    # The head's tensors are freed by the time the last block's backward (and recompute) starts.
+    peak = per_layer + max(head_saved + head_transient, block_transient)
+    return ActivationEstimate(saved=int(tokens * (per_layer + head_saved)), peak=int(tokens * peak))
+
+
 def llama3_activations(args: BaseModelArgs, s: ActivationInputs) -> ActivationEstimate:
     """Bytes autograd saves per token and layer, for eager Llama 3 blocks (no compile fusion).
 
@@ -146,10 +174,9 @@ def llama3_activations(args: BaseModelArgs, s: ActivationInputs) -> ActivationEs
     gathered K/V of the whole sequence.
     """
     t, cp, p = s.tp, s.cp, s.act_bytes
-    tokens = s.microbatch * s.seq_len // cp
     h, f, heads = args.dim, args.ffn_hidden_dim, args.n_heads
     q, kv = heads * args.head_dim, args.kv_heads * args.head_dim
-    norm = 2 * 4 * h + 4  # RMSNorm keeps its input and normalised output in fp32, plus rstd
+    norm = _norm_bytes(h)
     sdpa_out = p * q / t + 4 * heads / t  # output and log-sum-exp
     block_input = p * h / t
     full = (
@@ -161,27 +188,40 @@ def llama3_activations(args: BaseModelArgs, s: ActivationInputs) -> ActivationEs
     )
     # Per-op SAC (activation_checkpoint.py) keeps every other matmul output (wq, wv, w1, w2) and attention.
     op_sac = block_input + p * (q + kv + f) / t + p * h + sdpa_out
-    n = args.n_layers
-    if s.ac_mode == "none":
-        per_layer, recompute = n * full, 0.0
-    elif s.ac_mode == "full":
-        per_layer, recompute = n * block_input, full
-    elif s.ac_option == "op":
-        per_layer, recompute = n * op_sac, full
-    else:
-        every = int(s.ac_option)
-        wrapped = math.ceil(n / every)
-        per_layer, recompute = wrapped * block_input + (n - wrapped) * full, full
     vocab = args.vocab_size / (t if s.loss_parallel else 1)
     head_saved = norm / t + p * h + 4 * vocab  # final norm, output input, fp32 log-softmax
-    head_transient = (p + 4 + 4) * vocab  # logits, their fp32 copy, its gradient
-    block_transient = recompute + p * (2 * f / t + 2 * h)  # recomputed block, live gradients
-    # The head's tensors are freed by the time the last block's backward (and recompute) starts.
-    peak = per_layer + max(head_saved + head_transient, block_transient)
-    return ActivationEstimate(saved=int(tokens * (per_layer + head_saved)), peak=int(tokens * peak))
+    return _with_checkpointing(s, [(full, op_sac)] * args.n_layers, block_input, head_saved, vocab, f)
+
+
+def hyena_activations(args: BaseModelArgs, s: ActivationInputs) -> ActivationEstimate:
+    """Bytes autograd saves per token and layer, for eager StripedHyena 2 blocks (sequence parallel as Llama).
+
+    Every block keeps two norms, the gathered inputs of its mixer and MLP and the GLU's four F-wide tensors.
+    Hyena blocks add the 3D projection and the featurized q/k/v, and the SE/MR reference convolution's fp32
+    k*v, output and q (the Triton kernels keep less; the LI FFT op keeps nothing beyond q/k/v); attention
+    blocks keep q/k/v after RoPE and the SDPA output. The tied head's logits are whole on every rank.
+    """
+    t, p = s.tp, s.act_bytes
+    h, f, heads = args.dim, args.ffn_hidden_dim, args.n_heads
+    norm = _norm_bytes(h)
+    block_input = p * h / t
+    common = 2 * norm / t + 2 * p * h + 4 * p * f / t + p * h / t  # norms, gathered inputs, GLU, out_proj input
+    sdpa_out = p * h / t + 4 * heads / t
+    layers = []
+    for kind in args.layout:
+        if kind == "*":
+            mixer, op_kept = 3 * p * h / t + sdpa_out, p * 3 * h / t + sdpa_out
+        else:
+            mixer, op_kept = 2 * 3 * p * h / t + (3 * 4 * h / t if kind in "SD" else 0), p * 3 * h / t
+        op_sac = block_input + op_kept + p * (f + h) / t + p * h  # every other matmul output, as for Llama
+        layers.append((common + mixer, op_sac))
+    vocab = args.vocab_size / (t if s.loss_parallel else 1)
+    head_saved = norm / t + p * h + 4 * vocab
+    return _with_checkpointing(s, layers, block_input, head_saved, vocab, f)
 
 
 register_activation_estimator("llama3", llama3_activations)
+register_activation_estimator("hyena", hyena_activations)
 
 
 # ---------------------------------------------------------------------------------------------- report
