@@ -262,3 +262,20 @@ def test_activation_checkpointing_and_compile_match_eager():
         model.layers[name] = torch.compile(block, backend="aot_eager", fullgraph=True)
     for n, g in grads(model).items():
         assert torch.allclose(g, base[n.replace("._orig_mod", "")], atol=1e-5), n
+
+
+def test_dry_run_has_a_hyena_activation_model():
+    import dataclasses
+
+    from torchtitan_hyena.tools.dry_run import _ESTIMATORS, ActivationInputs
+
+    args = hyena_flavors["neural_pile_hybrid_8b"]
+    s = ActivationInputs(microbatch=1, seq_len=4096, tp=1, cp=1, act_bytes=2, ac_mode="none", ac_option="1",
+                         loss_parallel=False)  # fmt: skip
+    none = _ESTIMATORS["hyena"](args, s)
+    full = _ESTIMATORS["hyena"](args, dataclasses.replace(s, ac_mode="full"))
+    tp8 = _ESTIMATORS["hyena"](args, dataclasses.replace(s, ac_mode="full", tp=8))
+    assert full.saved < none.saved / 10 and full.peak < none.peak
+    assert tp8.peak < full.peak  # sequence parallel shards the saved block inputs
+    block_inputs = 32 * 2 * 4096 * 4096  # full AC keeps each block's bf16 input
+    assert block_inputs < full.saved < 1.5 * block_inputs
