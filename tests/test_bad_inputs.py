@@ -47,17 +47,16 @@ def test_bad_input(name, tmp_path):
 
 def test_seq_len_must_split_across_tp_and_cp():
     """Checked before any model is built; needs no processes (the check only reads the degrees)."""
-    from types import SimpleNamespace
-
     from torchtitan_hyena.config import ConfigManager
+    from torchtitan_hyena.distributed.float8 import Accelerator
     from torchtitan_hyena.distributed.parallel_dims import ParallelDims
     from torchtitan_hyena.errors import ConfigError
-    from torchtitan_hyena.train import Trainer
+    from torchtitan_hyena.train import validate_layout
 
     def check(seq_len: int, tp: int, cp: int) -> None:
         config = ConfigManager().parse_args(["--training.seq_len", str(seq_len)])
         dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=cp, tp=tp, world_size=tp * cp)
-        Trainer._validate_against_layout(SimpleNamespace(job_config=config, parallel_dims=dims))
+        validate_layout(config, dims, Accelerator("cpu", "cpu"))
 
     check(128, tp=2, cp=2)
     with pytest.raises(ConfigError, match=r"training.seq_len 130 must be divisible by 8"):

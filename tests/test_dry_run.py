@@ -27,6 +27,7 @@ NEURAL_PILE = ["rodent_8B_131k", "primate_8B_131k", "rodent_primate_8B_131k", "l
 # What this branch can run of the Neural Pile layout: FSDP/HSDP without tensor parallelism, 32k context.
 FSDP_ONLY = [
     "--parallelism.tensor_parallel_degree", "1", "--parallelism.data_parallel_shard_degree", "256",
+    "--parallelism.enable_loss_parallel", "false",
     "--training.local_batch_size", "1", "--training.global_batch_size", "512", "--training.seq_len", "32768",
 ]  # fmt: skip
 
@@ -70,7 +71,7 @@ def test_rejects_a_mesh_that_does_not_match_the_world_size():
 
 
 def test_rejects_a_layout_that_cannot_fit(capsys):
-    big = neural_pile("rodent_8B_131k", *FSDP_ONLY[:4], "--training.global_batch_size", "2048")  # 4 x 131k per rank
+    big = neural_pile("rodent_8B_131k", *FSDP_ONLY[:6], "--training.global_batch_size", "2048")  # 4 x 131k per rank
     with pytest.raises(ConfigError) as err:
         run(big, DryRunFlags(world_size=512))
     message = str(err.value)

@@ -22,6 +22,7 @@ SHELL_FILES = [*SCRIPTS, REPO / "scripts" / "frontier" / "job.sh", REPO / "aws_o
 # FSDP-only override of the Neural Pile layout that this build can dry-run (TP lands on another branch).
 FITS_WITHOUT_TP = [
     "--parallelism.tensor_parallel_degree", "1", "--parallelism.data_parallel_shard_degree", "256",
+    "--parallelism.enable_loss_parallel", "false",
     "--training.local_batch_size", "1", "--training.global_batch_size", "512", "--training.seq_len", "32768",
 ]  # fmt: skip
 
@@ -281,7 +282,7 @@ def test_preflight_dry_runs_before_submitting(slurm):
     assert "verdict: FITS" in proc.stdout
     assert (slurm.log / "sbatch.args").read_text().splitlines() == ["--nodes=64", str(script), *FITS_WITHOUT_TP]
     (slurm.log / "sbatch.args").unlink()
-    proc = slurm.run(script, "--preflight", *FITS_WITHOUT_TP[:4], "--training.global_batch_size", "2048")
+    proc = slurm.run(script, "--preflight", *FITS_WITHOUT_TP[:6], "--training.global_batch_size", "2048")
     assert proc.returncode == 2 and "DOES NOT FIT" in proc.stdout and "GiB per rank" in proc.stderr
     assert not (slurm.log / "sbatch.args").exists()
 

@@ -26,6 +26,7 @@ from torchtitan_hyena.components.validate import Validator
 from torchtitan_hyena.config import ConfigManager, JobConfig, config_table
 from torchtitan_hyena.config.manager import to_dict
 from torchtitan_hyena.distributed.float8 import (
+    Accelerator,
     convert_to_float8,
     describe_accelerator,
     precompute_float8_scales,
@@ -49,6 +50,34 @@ from torchtitan_hyena.tools import dry_run
 from torchtitan_hyena.tools.flops import get_peak_flops
 from torchtitan_hyena.tools.logging import init_logger, logger
 from torchtitan_hyena.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
+
+
+def validate_layout(job_config: JobConfig, parallel_dims: ParallelDims, accelerator: Accelerator) -> None:
+    """Checks that need the parallel degrees and the device, run before any data or model is built
+    (the dry run calls this with the target device instead of the local one)."""
+    t = job_config.training
+    if t.global_batch_size > 0 and t.global_batch_size % (t.local_batch_size * parallel_dims.dp_degree):
+        raise ConfigError(
+            f"training.global_batch_size {t.global_batch_size} must be a multiple of local_batch_size "
+            f"{t.local_batch_size} x data-parallel degree {parallel_dims.dp_degree}"
+        )
+    tp, cp = parallel_dims.tp, parallel_dims.cp
+    split = tp * 2 * cp if cp > 1 else tp
+    if t.seq_len % split:
+        raise ConfigError(
+            f"training.seq_len {t.seq_len} must be divisible by {split} "
+            f"(tensor_parallel_degree {tp} x 2 x context_parallel_degree {cp} when CP is on)"
+        )
+    validate_parallelism(job_config, parallel_dims)
+    validate_float8(job_config.float8, parallel_dims, accelerator)
+
+
+def convert_model(model: torch.nn.Module, job_config: JobConfig, parallel_dims: ParallelDims) -> None:
+    """Module swaps that must happen on the meta model before parallelization (float8)."""
+    f8 = job_config.float8
+    if f8.enable:
+        compiled = job_config.compile.enable and "model" in job_config.compile.components
+        convert_to_float8(model, f8, tp_degree=parallel_dims.tp, compiled=compiled)
 
 
 class TrainState:
@@ -190,28 +219,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up helpers
     def _validate_against_layout(self) -> None:
-        c, pd = self.job_config, self.parallel_dims
-        t = c.training
-        if t.global_batch_size > 0 and t.global_batch_size % (t.local_batch_size * pd.dp_degree):
-            raise ConfigError(
-                f"training.global_batch_size {t.global_batch_size} must be a multiple of local_batch_size "
-                f"{t.local_batch_size} x data-parallel degree {pd.dp_degree}"
-            )
-        split = pd.tp * 2 * pd.cp if pd.cp > 1 else pd.tp
-        if t.seq_len % split:
-            raise ConfigError(
-                f"training.seq_len {t.seq_len} must be divisible by {split} "
-                f"(tensor_parallel_degree {pd.tp} x 2 x context_parallel_degree {pd.cp} when CP is on)"
-            )
-        validate_parallelism(c, pd)
-        validate_float8(c.float8, pd, describe_accelerator(self.device))
+        validate_layout(self.job_config, self.parallel_dims, describe_accelerator(self.device))
 
     def _convert_model(self, model: torch.nn.Module) -> None:
-        """Module swaps that must happen on the meta model before parallelization (e.g. float8)."""
-        c = self.job_config
-        if c.float8.enable:
-            compiled = c.compile.enable and "model" in c.compile.components
-            convert_to_float8(model, c.float8, tp_degree=self.parallel_dims.tp, compiled=compiled)
+        convert_model(model, self.job_config, self.parallel_dims)
 
     def _amp(self) -> contextlib.AbstractContextManager:
         """Autocast to the mixed-precision dtype when no FSDP wrapper does the casting (one rank, TP only)."""

@@ -28,6 +28,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from torchtitan_hyena.config import JobConfig
+from torchtitan_hyena.distributed.float8 import Accelerator
 from torchtitan_hyena.distributed.fsdp import DTYPES
 from torchtitan_hyena.distributed.parallel_dims import ParallelDims
 from torchtitan_hyena.errors import ConfigError
@@ -39,6 +40,12 @@ from torchtitan_hyena.tools.world_size import required_world_size
 GIB = 2**30
 # Device memory as the driver reports it (rocm-smi / nvidia-smi MiB): one MI250X GCD, H100 80GB, H200 141GB.
 DEVICE_MEMORY_GIB = {"mi250x": 65520 / 1024, "h100": 81559 / 1024, "h200": 143771 / 1024}
+# What the float8 gate sees for each target: the dry run judges the device the job will run on.
+TARGET_ACCELERATORS = {
+    "mi250x": Accelerator("rocm", "AMD Instinct MI250X", gfx_arch="gfx90a"),
+    "h100": Accelerator("cuda", "NVIDIA H100", capability=(9, 0)),
+    "h200": Accelerator("cuda", "NVIDIA H200", capability=(9, 0)),
+}
 RESERVE_FRACTION = 0.10
 OPTIMIZER_STATES = {"AdamW": 2, "Adam": 2}  # state tensors per parameter, in the parameter's dtype
 
@@ -311,18 +318,11 @@ def _fsdp_unit_numels(model: nn.Module, fsdp_degree: int) -> list[int]:
     return sizes
 
 
-def _trainer_checks(config: JobConfig, parallel_dims: ParallelDims):
-    """The trainer's own layout checks and meta-model conversions, without its data, device or state."""
-    from torchtitan_hyena.train import Trainer
-
-    shell = Trainer.__new__(Trainer)
-    shell.job_config, shell.parallel_dims = config, parallel_dims
-    return shell
-
-
 def dry_run(config: JobConfig, world_size: int | None = None, device: str = "mi250x") -> MemoryReport:
     """Build everything training builds up to materialization, as rank 0 of ``world_size``; see module doc."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from torchtitan_hyena.train import convert_model, validate_layout  # train imports this module
 
     init_logger()
     if dist.is_initialized():
@@ -339,15 +339,14 @@ def dry_run(config: JobConfig, world_size: int | None = None, device: str = "mi2
             tp=p.tensor_parallel_degree,
             world_size=world_size,
         )
-        trainer = _trainer_checks(c, pd)
-        trainer._validate_against_layout()
+        validate_layout(c, pd, TARGET_ACCELERATORS.get(device.lower(), Accelerator("unknown", device)))
         pd.build_mesh("cpu")
         spec = get_train_spec(c.model.name)
         args = get_flavor_args(spec, c.model.flavor)
         args.update_from_config(c)
         with torch.device("meta"):
             model = spec.model_cls(args)
-        trainer._convert_model(model)
+        convert_model(model, c, pd)
         nparams, _ = args.get_nparams_and_flops(model, c.training.seq_len)
         model = spec.parallelize_fn(model, pd, c)
 
