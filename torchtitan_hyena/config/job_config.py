@@ -63,7 +63,9 @@ class Model:
     li_filter: str = opt(
         "", "hyena: Hyena-LI filter; empty keeps the flavor's", ("", "implicit_modal", "implicit_freeform")
     )
-    mlp_activation: str = opt("", "hyena: evo2 = GELU in layer 0 only, gelu = GELU in every MLP", ("", "evo2", "gelu"))
+    mlp_activation: str = opt(
+        "", "hyena: evo2 = GELU in layer 0 only, gelu / silu = in every MLP", ("", "evo2", "gelu", "silu")
+    )
     tie_embeddings: bool = opt(True, "hyena: the output head reuses the embedding matrix (Evo 2)")
     rope_theta: float = opt(-1.0, "hyena: RoPE base (context extension: ABF); -1 keeps the flavor's")
     rope_pi_factor: float = opt(-1.0, "hyena: RoPE linear position interpolation, t -> t / factor; -1 keeps flavor's")

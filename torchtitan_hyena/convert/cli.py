@@ -29,13 +29,26 @@ def llama_to_dcp_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python llama_to_dcp.py",
         description="Convert a Meta (params.json + consolidated.*.pth) or HF (config.json + safetensors) Llama "
-        "checkpoint into a DCP folder with model_args.json, for checkpoint.initial_load_path and scoring.",
+        "checkpoint into a DCP folder with model_args.json, for checkpoint.initial_load_path and scoring; with "
+        "--target hyena, into a StripedHyena 2 hybrid seeded from it.",
     )
     p.add_argument("--input_dir", required=True, help="Meta or HF checkpoint folder (format detected)")
     p.add_argument("--output_dir", required=True, help="DCP folder to create")
     p.add_argument("--keep_embeddings", action="store_true", help="keep tok_embeddings/output (default: drop)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="stored precision (default: as in the source)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    p.add_argument(
+        "--target",
+        choices=("llama3", "hyena"),
+        default="llama3",
+        help="llama3: the Llama itself; hyena: a StripedHyena 2 hybrid seeded from it (attention, MLPs, norms)",
+    )
+    p.add_argument(
+        "--layout",
+        default="",
+        help="hyena: one letter per Llama layer, S/D/H (fresh Hyena mixer) or * (Llama attention); "
+        "default: Evo 2's SDH*SDH striping",
+    )
     a = p.parse_args(argv)
     init_logger()
     with _sigterm_as_interrupt():
@@ -45,6 +58,8 @@ def llama_to_dcp_main(argv: list[str] | None = None) -> None:
             keep_embeddings=a.keep_embeddings,
             dtype=DTYPES.get(a.dtype),
             overwrite=a.overwrite,
+            target=a.target,
+            layout=a.layout,
         )
 
 

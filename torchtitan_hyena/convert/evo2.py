@@ -113,6 +113,11 @@ def vortex_config_from_args(args: HyenaArgs) -> dict[str, Any]:
     """A vortex YAML dict for ``args`` (the inverse of :func:`args_from_vortex_config`)."""
     if args.li_filter != "implicit_modal" and "H" in args.layout:
         raise UserError("vortex has no implicit_freeform LI filter; only implicit_modal models can be exported")
+    if args.mlp_activation == "silu" or args.rope_scaling != "none":
+        raise UserError(
+            f"vortex has no {'SiLU MLPs' if args.mlp_activation == 'silu' else 'Llama-3.1 RoPE scaling'} (a hybrid "
+            "seeded from Llama); export Evo 2 style models only (mlp_activation evo2 or gelu, rope_scaling none)"
+        )
     cfg: dict[str, Any] = {
         "model_name": "torchtitan_hyena_export",
         "vocab_size": args.vocab_size,

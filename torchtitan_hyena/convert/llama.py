@@ -316,26 +316,40 @@ def llama_to_dcp(
     keep_embeddings: bool = False,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    target: str = MODEL_NAME,
+    layout: str = "",
 ) -> LlamaCheckpoint:
     """Convert a Meta or HF Llama checkpoint into a DCP folder with ``model_args.json``.
 
     Embeddings are dropped unless ``keep_embeddings``: the Neural Pile vocabulary (256) differs from
     Llama's. ``dtype`` None keeps the stored precision. The output appears only when complete.
+    ``target="hyena"`` writes a StripedHyena 2 hybrid of ``layout`` instead (see ``convert/hybrid.py``).
     """
+    if target not in (MODEL_NAME, "hyena"):
+        raise UserError(f"--target {target!r} is not supported; use llama3 or hyena")
+    if layout and target != "hyena":
+        raise UserError("--layout describes a hybrid; add --target hyena or drop --layout")
     ckpt = read_llama_checkpoint(input_dir)
-    tensors = {k: t for k, t in ckpt.tensors.items() if keep_embeddings or k not in EMBEDDING_KEYS}
+    if target == "hyena":
+        from torchtitan_hyena.convert.hybrid import hybrid_from_llama, log_training_hint
+
+        flavor, args, tensors = hybrid_from_llama(ckpt, layout, keep_embeddings)
+    else:
+        tensors = {k: t for k, t in ckpt.tensors.items() if keep_embeddings or k not in EMBEDDING_KEYS}
+        flavor, args = flavor_of(ckpt.args), ckpt.args
     if dtype is not None:
         tensors = {k: _cast(t, dtype) for k, t in tensors.items()}
-    flavor = flavor_of(ckpt.args)
     size_gb = sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors.values()) / 1e9
-    logger.info(f"{input_dir}: {ckpt.description}; llama3 flavor {flavor}, {len(tensors)} tensors ({size_gb:.2f} GB)")
+    logger.info(f"{input_dir}: {ckpt.description}; {target} flavor {flavor}, {len(tensors)} tensors ({size_gb:.2f} GB)")
     t0 = time.perf_counter()
     with atomic_output_dir(output_dir, overwrite) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         save_dcp_streaming(with_progress(tensors), tmp)
-        write_model_args(tmp, MODEL_NAME, flavor, ckpt.args)
+        write_model_args(tmp, target, flavor, args)
     dropped = "" if keep_embeddings else " (tok_embeddings/output dropped; --keep_embeddings keeps them)"
     logger.info(f"wrote {output_dir} in {time.perf_counter() - t0:.1f}s{dropped}")
+    if target == "hyena":
+        log_training_hint(args, flavor, output_dir)
     return ckpt
 
 

@@ -14,7 +14,8 @@ from torchtitan_hyena.protocols.model import BaseModelArgs
 # Layer letters: S = Hyena-SE, D = Hyena-MR, H = Hyena-LI, * = multi-head attention.
 LAYER_KINDS = {"S": "hcs", "D": "hcm", "H": "hcl", "*": "attn"}
 LI_FILTERS = ("implicit_modal", "implicit_freeform")
-MLP_ACTIVATIONS = ("evo2", "gelu")
+# evo2: GELU in layer 0, identity after; gelu / silu: that activation in every MLP (silu: seeded from Llama).
+MLP_ACTIVATIONS = ("evo2", "gelu", "silu")
 # explicit_single_decay presets: (log10 r_min, log10 r_max); "none" trains the taps without decay.
 MR_DECAY_PRESETS = {"strong": (0.0, 2.0), "normal": (-1.0, 2.0), "weak": (-2.0, 2.0), "none": None}
 
@@ -72,6 +73,12 @@ class HyenaArgs(BaseModelArgs):
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_pi_factor: float = 1.0
+    # Llama-3.1 frequency scaling ("llama3"), for attention seeded from a Llama 3.1 checkpoint.
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
     tie_embeddings: bool = True
     mlp_activation: str = "evo2"
     attention_dropout: float = 0.0
@@ -115,6 +122,7 @@ class HyenaArgs(BaseModelArgs):
             (0 <= self.attention_dropout < 1, "model.attention_dropout must be in [0, 1)"),
             (0 <= self.hidden_dropout < 1, "model.hidden_dropout must be in [0, 1)"),
             (self.rope_pi_factor > 0, f"rope_pi_factor must be positive, got {self.rope_pi_factor}"),
+            (self.rope_scaling in ("none", "llama3"), f"rope_scaling {self.rope_scaling!r} is not none or llama3"),
             (self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for rotary embeddings"),
         )
         for ok, message in checks:
@@ -138,6 +146,12 @@ class HyenaArgs(BaseModelArgs):
             self.rope_theta = m.rope_theta
         if m.rope_pi_factor > 0:
             self.rope_pi_factor = m.rope_pi_factor
+        if m.rope_scaling != "none":
+            self.rope_scaling = m.rope_scaling
+            self.rope_scaling_factor = m.rope_scaling_factor
+            self.rope_low_freq_factor = m.rope_low_freq_factor
+            self.rope_high_freq_factor = m.rope_high_freq_factor
+            self.rope_original_max_position = m.rope_original_max_position
         self.tie_embeddings = m.tie_embeddings
         self.attention_dropout = m.attention_dropout
         self.hidden_dropout = m.hidden_dropout

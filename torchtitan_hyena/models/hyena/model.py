@@ -27,7 +27,8 @@ class HyenaBlock(nn.Module):
     """``x += mixer(pre_norm(x)); x += mlp(post_norm(x))``; the mixer is a Hyena operator or attention.
 
     The GLU is ``w2(act(w1 x) * w3 x)`` with act = GELU in layer 0 and identity after it (Evo 2:
-    savanna switched the global activation once the first Hyena operator was built), or GELU everywhere.
+    savanna switched the global activation once the first Hyena operator was built), or GELU (NV variant)
+    or SiLU (MLPs seeded from Llama's SwiGLU) everywhere.
     """
 
     def __init__(self, layer_id: int, kind: str, args: HyenaArgs) -> None:
@@ -36,8 +37,10 @@ class HyenaBlock(nn.Module):
         self.pre_norm = RMSNorm(args.dim, args.norm_eps)
         self.mixer = Attention(args) if kind == "*" else HyenaOperator(args, kind)
         self.post_norm = RMSNorm(args.dim, args.norm_eps)
-        gelu = layer_id == 0 or args.mlp_activation == "gelu"
-        self.mlp = GatedMLP(args.dim, args.ffn_hidden_dim, activation="gelu" if gelu else "identity")
+        activation = args.mlp_activation
+        if activation == "evo2":
+            activation = "gelu" if layer_id == 0 else "identity"
+        self.mlp = GatedMLP(args.dim, args.ffn_hidden_dim, activation=activation)
         self.dropout = nn.Dropout(args.hidden_dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -64,7 +67,19 @@ class StripedHyena(nn.Module):
         self.layers = nn.ModuleDict({str(i): HyenaBlock(i, kind, args) for i, kind in enumerate(args.layout)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.register_buffer("rope_inv_freq", rope_inv_freq(args.head_dim, args.rope_theta), persistent=False)
+        self.register_buffer("rope_inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        a = self.args
+        return rope_inv_freq(
+            a.head_dim,
+            a.rope_theta,
+            a.rope_scaling,
+            a.rope_scaling_factor,
+            a.rope_low_freq_factor,
+            a.rope_high_freq_factor,
+            a.rope_original_max_position,
+        )
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is None:
@@ -82,7 +97,7 @@ class StripedHyena(nn.Module):
     def init_weights(self, buffer_device: torch.device | None = None, seed: int = 0) -> None:
         """savanna's Evo 2 init (small_init for inputs, wang_init for outputs), drawn layout-invariantly."""
         device = buffer_device or self.rope_inv_freq.device
-        self.rope_inv_freq = rope_inv_freq(self.args.head_dim, self.args.rope_theta).to(device)
+        self.rope_inv_freq = self._inv_freq().to(device)
         a = self.args
         small = a.small_init_std
         wang = 2 / (a.n_layers * a.dim**0.5)
