@@ -91,9 +91,9 @@ def fused_wqkv(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, n_heads: in
     order, each KV head repeated for the n_heads / kv_heads query heads that attend with it."""
     dim = wq.shape[1]
     head_dim = wq.shape[0] // n_heads
-    q = permute_qk(wq, n_heads, to_hf=True).view(n_heads, head_dim, dim)
-    k = permute_qk(wk, kv_heads, to_hf=True).view(kv_heads, head_dim, dim)
-    v = wv.view(kv_heads, head_dim, dim)
+    q = permute_qk(wq, n_heads, to_hf=True).reshape(n_heads, head_dim, dim)
+    k = permute_qk(wk, kv_heads, to_hf=True).reshape(kv_heads, head_dim, dim)
+    v = wv.reshape(kv_heads, head_dim, dim)
     group = n_heads // kv_heads
     k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
     return torch.stack((q, k, v), dim=1).reshape(3 * n_heads * head_dim, dim)
