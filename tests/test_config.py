@@ -109,3 +109,15 @@ def test_config_table_marks_changed_values():
     table = config_table(parse("--training.steps", "3"))
     line = next(x for x in table.splitlines() if x.startswith("training.steps "))
     assert line.rstrip().endswith("3*")
+
+
+def test_readme_config_reference_is_current():
+    """The README's option table is generated; regenerate it with ``python scripts/update_readme.py``."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, env
+
+    proc = subprocess.run([sys.executable, "scripts/update_readme.py", "--check"], cwd=REPO, env=env(),
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr

@@ -238,6 +238,19 @@ class ConfigManager:
         return config
 
     @staticmethod
+    def options() -> list[tuple[str, str, str, str]]:
+        """(``section.key``, type, default, help) of every option, in section order."""
+        rows = []
+        for section, cls in SECTIONS.items():
+            types = _field_types(cls)
+            for f in dataclasses.fields(cls):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                choices = f.metadata.get("choices")
+                kind = _type_name(types[f.name]) + (f" {{{'|'.join(map(str, choices))}}}" if choices else "")
+                rows.append((f"{section}.{f.name}", kind, repr(default), f.metadata["help"]))
+        return rows
+
+    @staticmethod
     def help_text() -> str:
         lines = [
             "usage: python -m torchtitan_hyena.train --job.config_file FILE.toml [--section.key value ...]",
@@ -245,17 +258,20 @@ class ConfigManager:
             "Every TOML key can be overridden on the command line; booleans take true/false (a bare flag means true),",
             "lists take comma-separated values.",
         ]
-        for section, cls in SECTIONS.items():
-            lines.append(f"\n[{section}]")
-            types = _field_types(cls)
-            for f in dataclasses.fields(cls):
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                choices = f.metadata.get("choices")
-                extra = f" {{{'|'.join(map(str, choices))}}}" if choices else ""
-                lines.append(
-                    f"  --{section}.{f.name} ({_type_name(types[f.name])}{extra}, default {default!r}): "
-                    f"{f.metadata['help']}"
-                )
+        section = None
+        for key, kind, default, text in ConfigManager.options():
+            if key.split(".")[0] != section:
+                section = key.split(".")[0]
+                lines.append(f"\n[{section}]")
+            lines.append(f"  --{key} ({kind}, default {default}): {text}")
+        return "\n".join(lines)
+
+    @staticmethod
+    def markdown_reference() -> str:
+        """The option table of the README (kept in sync by ``scripts/update_readme.py``)."""
+        lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for key, kind, default, text in ConfigManager.options():
+            lines.append(f"| `{key}` | {kind.replace('|', '&#124;')} | `{default}` | {text.replace('|', '&#124;')} |")
         return "\n".join(lines)
 
 
