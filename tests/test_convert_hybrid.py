@@ -137,7 +137,7 @@ def test_all_attention_hybrid_scores_like_transformers(tmp_path):
         assert (torch.tensor(ours) - ref).abs().max().item() <= 1e-5
 
 
-def test_default_layout_drops_embeddings_and_takes_the_matching_flavor(tmp_path):
+def test_default_layout_and_hyena_settings_come_from_the_matching_flavor():
     """Llama-3-8B's shape is the neural_pile_hybrid_8b flavor: the default layout is that flavor's (Evo 2 7B's)."""
     args, flavor = hybrid.hybrid_args(Llama3Args(**LLAMA_8B), "", keep_embeddings=False)
     assert flavor == "neural_pile_hybrid_8b" and args.layout == hyena_flavors[flavor].layout

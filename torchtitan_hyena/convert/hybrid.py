@@ -137,22 +137,21 @@ def _model_shapes(args: HyenaArgs) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in StripedHyena(args).state_dict().items()}
 
 
+def _is_fresh(key: str, args: HyenaArgs, keep_embeddings: bool) -> bool:
+    parts = key.split(".")
+    hyena_mixer = parts[0] == "layers" and parts[2] == "mixer" and args.layout[int(parts[1])] != "*"
+    return hyena_mixer or (key in EMBEDDING_KEYS and not keep_embeddings)
+
+
 def fresh_keys(args: HyenaArgs, keep_embeddings: bool) -> list[str]:
     """The hybrid's tensors absent from the conversion: Hyena mixers, and the embeddings unless kept."""
-
-    def fresh(key: str) -> bool:
-        parts = key.split(".")
-        hyena_mixer = parts[0] == "layers" and parts[2] == "mixer" and args.layout[int(parts[1])] != "*"
-        return hyena_mixer or (key in EMBEDDING_KEYS and not keep_embeddings)
-
-    return [k for k in _model_shapes(args) if fresh(k)]
+    return [k for k in _model_shapes(args) if _is_fresh(k, args, keep_embeddings)]
 
 
 def _check_against_model(tensors: dict[str, LazyTensor], args: HyenaArgs, keep_embeddings: bool) -> None:
     """Exactly the hybrid's tensors minus the fresh ones, with the model's shapes (guards the mapping)."""
-    fresh = set(fresh_keys(args, keep_embeddings))
     got = {k: t.shape for k, t in tensors.items()}
-    want = {k: s for k, s in _model_shapes(args).items() if k not in fresh}
+    want = {k: s for k, s in _model_shapes(args).items() if not _is_fresh(k, args, keep_embeddings)}
     if got != want:
         diff = sorted(set(got.items()) ^ set(want.items()))[:3]
         raise RuntimeError(f"hybrid mapping out of sync with the hyena model: {diff}")
@@ -207,4 +206,4 @@ def log_training_hint(args: HyenaArgs, flavor: str, output_dir: str | Path) -> N
     logger.info(f"train it with: {shlex.join(flags)}")
     eps = hyena_flavors[flavor].norm_eps
     if eps != args.norm_eps:
-        logger.info(f"(runs of flavor {flavor} use norm_eps {eps:g}, the Llama {args.norm_eps:g}: a negligible change)")
+        logger.info(f"(runs of flavor {flavor} use its norm_eps {eps:g}, not the Llama's {args.norm_eps:g})")
