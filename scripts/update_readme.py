@@ -1,7 +1,7 @@
 """Regenerate the README's config reference from the JobConfig dataclasses.
 
-    python scripts/update_readme.py          # rewrite README.md in place
-    python scripts/update_readme.py --check  # exit 1 if the README is out of date (what the tests check)
+python scripts/update_readme.py          # rewrite README.md in place
+python scripts/update_readme.py --check  # exit 1 if the README is out of date (what the tests check)
 """
 
 from __future__ import annotations
