@@ -94,7 +94,9 @@ def check_all_to_all(cp: ContextParallel) -> float:
 
 
 def check_attention(cp: ContextParallel, method: str) -> tuple[float, int]:
-    """Causal GQA attention (4 query heads over 2 KV heads) on the load-balanced shards == SDPA on the whole."""
+    """Causal GQA attention (4 query heads over 2 KV heads) on the load-balanced shards == SDPA on the whole.
+    ``allgather_backend``: all-gather through the model's attention backend (bottom-right masked SDPA) as on GPUs,
+    rather than CPU's two-block path."""
     n = cp.degree
     length = 2 * n * CHUNK
     q, k, v = (seeded(40 + i, 2, h, length, 8).requires_grad_() for i, h in enumerate((4, 2, 2)))
@@ -103,6 +105,8 @@ def check_attention(cp: ContextParallel, method: str) -> tuple[float, int]:
     (ref * out_weight).sum().backward()
     local = [shard_sequence(t.detach(), cp.rank, n, dim=2).requires_grad_() for t in (q, k, v)]
     module = (RingAttention if method == "ring" else AllGatherAttention)(InnerAttention("sdpa"), cp)
+    if method == "allgather_backend":
+        module.blockwise = lambda q: False
     with track_communication() as sent:
         out = module(*local)
         (out * shard_sequence(out_weight, cp.rank, n, dim=2)).sum().backward()
@@ -127,7 +131,7 @@ def main() -> None:
         for taps, gated in ((3, False), (7, True), (2 * CHUNK + 5, True)):
             results[f"{name}/fir{taps}{'_gated' if gated else ''}"] = check_fir(cp, taps, gated)
         results[f"{name}/all_to_all"] = check_all_to_all(cp)
-        for method in ("allgather", "ring"):
+        for method in ("allgather", "allgather_backend", "ring"):
             err, sent = check_attention(cp, method)
             results[f"{name}/{method}"] = err
             results[f"{name}/{method}_p2p_bytes"] = float(sent)

@@ -5,7 +5,8 @@ carrying their own (GQA) heads, so only KV heads cross ranks.
 
 * ``allgather``: one all-gather of K/V; each local query chunk then attends the gathered keys up to the end of
   its own chunk, through the model's attention backend (SDPA, flash-attn) with a bottom-right aligned causal
-  mask. Backward reduce-scatters the K/V gradients. Peak memory: the whole sequence's K/V per rank.
+  mask (on CPU, where SDPA would build that mask, as two fused blocks merged by log-sum-exp). Backward
+  reduce-scatters the K/V gradients. Peak memory: the whole sequence's K/V per rank.
 * ``ring``: N steps; at each, this rank's query chunks attend the K/V block it holds, and the block moves on to
   the next rank while the step computes. Partial attentions merge by their log-sum-exp (online softmax);
   backward recomputes each block with the final output and log-sum-exp, passing K/V with their gradient
@@ -14,6 +15,8 @@ carrying their own (GQA) heads, so only KV heads cross ranks.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -27,6 +30,7 @@ from torchtitan_hyena.distributed.context_parallel.layout import (
     natural_order,
 )
 from torchtitan_hyena.models.common.attention import InnerAttention
+from torchtitan_hyena.tools.logging import logger
 
 # Score elements per row chunk of the matmul block kernel: 256 MiB of fp32 scores.
 SCORE_ELEMENTS = 1 << 26
@@ -45,13 +49,54 @@ class AllGatherAttention(nn.Module):
         c = q.shape[2] // 2
         kv = all_gather(torch.stack([k, v]), self.cp.group)  # (N, 2, B, Hkv, 2c, d)
         kv = kv.unflatten(4, (2, c)).movedim(4, 1).flatten(0, 1)  # (2N, 2, B, Hkv, c, d), index 2 * rank + slot
-        order = torch.tensor(natural_order(self.cp.degree), device=kv.device)
-        keys, values = kv[order].permute(1, 2, 3, 0, 4, 5).flatten(3, 4).unbind(0)  # (B, Hkv, L, d), in order
+        keys, values = torch.cat([kv[i] for i in natural_order(self.cp.degree)], dim=3)  # (B, Hkv, L, d) each
+        blockwise = self.blockwise(q)
         outs = []
         for i, chunk in enumerate(self.cp.chunks()):
             end = key_extent(chunk, c)
-            outs.append(self.inner(q[:, :, i * c : (i + 1) * c], keys[:, :, :end], values[:, :, :end]))
+            args = (q[:, :, i * c : (i + 1) * c], keys[:, :, :end], values[:, :, :end])
+            outs.append(_PrefixAttention.apply(*args, self.inner.scale) if blockwise else self.inner(*args))
         return torch.cat(outs, dim=2)
+
+    def blockwise(self, q: torch.Tensor) -> bool:
+        """On CPU, SDPA has no fused kernel for a bottom-right causal mask and would build a (c, end) float mask;
+        two fused blocks merged by log-sum-exp compute the same attention without it (no dropout there)."""
+        return q.device.type == "cpu" and not (self.inner.dropout > 0 and self.training)
+
+
+class _PrefixAttention(torch.autograd.Function):
+    """A query chunk against the key prefix ending with its own chunk, as two blocks: the earlier keys (no mask)
+    and its own chunk (causal), merged by log-sum-exp; backward from the final output and log-sum-exp."""
+
+    @staticmethod
+    def _blocks(q: torch.Tensor, k: torch.Tensor) -> list[tuple[slice, bool]]:
+        split = k.shape[2] - q.shape[2]
+        return [(slice(0, split), False), (slice(split, None), True)] if split else [(slice(None), True)]
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float | None) -> torch.Tensor:
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        for cols, causal in _PrefixAttention._blocks(q, k):
+            _merge(out, lse, *block_forward(q, k[:, :, cols], v[:, :, cols], scale, causal))
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad = grad.contiguous()
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        for cols, causal in _PrefixAttention._blocks(q, k):
+            bq, bk, bv = block_backward(grad, q, k[:, :, cols], v[:, :, cols], out, lse, ctx.scale, causal)
+            dq += bq
+            dk[:, :, cols] += bk
+            dv[:, :, cols] += bv
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
 class RingAttention(nn.Module):
@@ -169,7 +214,16 @@ def block_forward(
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         return out, lse.float()
+    _note_matmul_kernel(q.device.type)
     return _matmul_forward(q, k, v, scale, causal)
+
+
+@functools.cache
+def _note_matmul_kernel(device_type: str) -> None:
+    logger.warning(
+        f"ring attention on {device_type} computes its blocks as fp32 matmuls (no fused block kernel yet): lowest "
+        "memory, slower than context_parallel_rotate_method = allgather, which uses the fused attention backend"
+    )
 
 
 def block_backward(

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from torchtitan_hyena.distributed.context_parallel.collectives import all_to_all, halo_exchange
-from torchtitan_hyena.distributed.context_parallel.layout import ContextParallel, natural_order
+from torchtitan_hyena.distributed.context_parallel.layout import ContextParallel, chunk_ids, natural_order
 from torchtitan_hyena.models.common.sharding import ChannelSlice
 
 
@@ -53,17 +53,15 @@ def sequence_to_channels(x: Tensor, cp: ContextParallel) -> Tensor:
     n, c = cp.degree, x.shape[1] // 2
     send = x.unflatten(-1, (n, -1)).movedim(2, 0)  # (N, B, 2c, C/N): block i holds rank i's channels
     recv = all_to_all(send, cp.group).unflatten(2, (2, c)).movedim(2, 1).flatten(0, 1)  # (2N, B, c, C/N)
-    order = torch.tensor(natural_order(n), device=x.device)
-    return recv[order].movedim(0, 1).flatten(1, 2)
+    return torch.cat([recv[i] for i in natural_order(n)], dim=1)
 
 
 def channels_to_sequence(y: Tensor, cp: ContextParallel) -> Tensor:
     """Inverse of :func:`sequence_to_channels`: (B, L, C/N) -> (B, 2c, C)."""
     n = cp.degree
-    chunks = y.unflatten(1, (2 * n, -1)).movedim(1, 0)  # (2N, B, c, C/N), sequence order
-    inverse = torch.argsort(torch.tensor(natural_order(n), device=y.device))
-    send = chunks[inverse].unflatten(0, (n, 2)).movedim(1, 2).flatten(2, 3)  # (N, B, 2c, C/N), rank order
-    return all_to_all(send, cp.group).movedim(0, 2).flatten(2, 3)
+    chunks = y.unflatten(1, (2 * n, -1))  # (B, 2N, c, C/N), sequence order
+    send = torch.stack([torch.cat([chunks[:, g] for g in chunk_ids(r, n)], dim=1) for r in range(n)])
+    return all_to_all(send, cp.group).movedim(0, 2).flatten(2, 3)  # (B, 2c, N, C/N) -> (B, 2c, C)
 
 
 class HaloConv:
