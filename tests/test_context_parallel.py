@@ -159,32 +159,36 @@ def test_ring_block_kernels_merge_to_attention(kernel, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- hyena channel slices
-def _filters() -> dict[str, torch.nn.Module]:
-    filters = {
-        "se": ExplicitFilter(4, 7, "torch"),
-        "mr": ExplicitSingleDecayFilter(4, 16, 64, "weak", "torch"),
-        "li": ImplicitModalFilter(8, 4),
-        "freeform": ImplicitFreeformFilter(8, 5, 8, 1.0, 1),
-    }
-    for name, f in filters.items():
-        f.init_weights(0, name)
-    return filters
+def _filter(name: str, conv_impl: str) -> torch.nn.Module:
+    filt = {
+        "se": lambda: ExplicitFilter(4, 7, conv_impl),
+        "mr": lambda: ExplicitSingleDecayFilter(4, 32, 64, "weak", conv_impl),  # > 16 taps: Triton's Toeplitz path
+        "li": lambda: ImplicitModalFilter(32, 4),
+        "freeform": lambda: ImplicitFreeformFilter(32, 5, 8, 1.0, 1),
+    }[name]()
+    filt.init_weights(0, name)
+    return filt
 
 
-@pytest.mark.parametrize("name", ["se", "mr", "li", "freeform"])
-def test_filter_on_a_channel_slice_is_that_slice_of_the_filter(name):
-    """What a rank computes after the all-to-all: ungated conv of k*v on its channels (gates outside)."""
-    filt = _filters()[name]
+@pytest.mark.parametrize(
+    ("name", "conv_impl"), [("se", "torch"), ("mr", "torch"), ("li", "torch"), ("freeform", "torch"), ("se", "triton"),
+                            ("mr", "triton")],
+)  # fmt: skip
+def test_filter_on_a_channel_slice_is_that_slice_of_the_filter(name, conv_impl):
+    """What a rank computes after the all-to-all: ungated conv of k*v on its channels (gates outside), with the
+    expanded all-ones gates the all-to-all path passes (Triton kernels under the interpreter on CPU)."""
+    filt, reference = _filter(name, conv_impl), _filter(name, "torch")
     g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(2, 24, 8, generator=g) for _ in range(3))
-    skip = None if name == "se" else torch.randn(8, generator=g)
-    full = filt.gated_conv(q, k, v, skip)
-    for start, stop in ((0, 4), (4, 8), (2, 6)):
-        part = ChannelSlice(start, stop, 8)
-        s = (k * v)[..., start:stop]
+    q, k, v = (torch.randn(2, 40, 32, generator=g) for _ in range(3))
+    skip = None if name == "se" else torch.randn(32, generator=g)
+    full = reference.gated_conv(q, k, v, skip)
+    for start, stop in ((0, 16), (16, 32), (8, 24)):
+        part = ChannelSlice(start, stop, 32)
+        s = (k * v)[..., start:stop].requires_grad_()
         ones = s.new_ones(()).expand_as(s)
         y = filt.gated_conv(ones, s, ones, None if skip is None else skip[start:stop], part)
         assert torch.allclose(q[..., start:stop] * y, full[..., start:stop], atol=1e-5)
+        y.sum().backward()  # the backward runs with the expanded gates too
     with pytest.raises(ValueError, match="split a group"):
         ChannelSlice(1, 3, 8).rows(torch.zeros(4, 7))
 

@@ -132,9 +132,9 @@ class Transfer:
 def halo_plan(degree: int, chunk_len: int, width: int) -> tuple[Transfer, ...]:
     """Every transfer that gives each local chunk the ``width`` positions before it in the global sequence.
 
-    The predecessor of chunk g is chunk g-1, wherever the layout put it (on rank g-1, on rank 2N-2-r+1 as its
-    second chunk, or on this very rank); a halo longer than a chunk reaches further back, and positions before
-    the sequence start stay zero (causal padding).
+    The predecessor of chunk g is chunk g-1 wherever the layout put it: the first chunk of rank g-1 (g < N), the
+    second chunk of rank 2N-g (g > N), or the same rank's first chunk (g = N, on rank N-1). A halo longer than a
+    chunk reaches further back; positions before the sequence start stay zero (causal padding).
     """
     plan = []
     for rank in range(degree):

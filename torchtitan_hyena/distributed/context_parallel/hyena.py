@@ -37,9 +37,8 @@ def fir_with_halo(
         return conv(*inputs)
     batch, length, _ = inputs[0].shape
     sent = [x for x, e in zip(inputs, exchanged) if e]
-    halos = iter(halo_exchange(torch.cat(sent, dim=-1), width, cp.rank, cp.degree, cp.group).split(
-        [x.shape[-1] for x in sent], dim=-1
-    ))  # fmt: skip
+    halo = halo_exchange(torch.cat(sent, dim=-1), width, cp.rank, cp.degree, cp.group)  # one message per peer
+    halos = iter(halo.split([x.shape[-1] for x in sent], dim=-1))
     extended = []
     for x, e in zip(inputs, exchanged):
         halo = next(halos) if e else x.new_zeros(batch, 2, width, x.shape[-1])
