@@ -266,6 +266,7 @@ def cp(degree: int, method: str = "allgather", shard: int = 1, *extra: str) -> l
 
 
 TP2 = ["--parallelism.tensor_parallel_degree", "2"]
+CKPT = ["--checkpoint.enable", "true", "--checkpoint.interval", "3"]
 LAYOUTS = {
     1: {"single": [*VALIDATION]},
     2: {
@@ -274,6 +275,7 @@ LAYOUTS = {
         "cp2_mr_alltoall": cp(2, "allgather", 1, "--parallelism.context_parallel_mr_method", "alltoall"),
         "cp2_compile_full_ac": cp(2, "ring", 1, "--compile.enable", "true", "--compile.backend", "aot_eager",
                                   "--activation_checkpoint.mode", "full"),
+        "cp2_ring_bf16": cp(2, "ring", 1, "--training.mixed_precision_param", "bfloat16"),
     },
     4: {
         "cp4_allgather": cp(4),
@@ -282,8 +284,13 @@ LAYOUTS = {
         "cp2_tp2": [*cp(2, "ring"), *TP2],
         "hsdp2_cp2": [*cp(2, "ring", 1), "--parallelism.data_parallel_replicate_degree", "2",
                       "--training.local_batch_size", "1"],
+        # Save under CP 2 x FSDP 2 after step 3, resume under CP 4 (same dump folder) for steps 4-5.
+        "save_cp2_fsdp2": [*cp(2, "allgather", 2), "--training.local_batch_size", "1", *CKPT,
+                           "--training.stop_at_step", "3"],
+        "resume_cp4": [*cp(4, "ring"), *CKPT],
     },
 }  # fmt: skip
+SHARED_FOLDER = {"save_cp2_fsdp2": "ckpt", "resume_cp4": "ckpt"}
 SKIP = {("llama", "cp2_mr_alltoall")}  # a Hyena-only option
 
 
@@ -296,11 +303,16 @@ def runs(tmp_path_factory) -> dict[str, dict]:
         names = [(m, n) for m in MODELS for n in layouts if (m, n) not in SKIP]
         folder = root / f"ranks{nproc}"
         (folder / "grads").mkdir(parents=True)
-        args = [[*MODELS[m], *layouts[n], "--job.dump_folder", str(root / f"{m}_{n}")] for m, n in names]
+        dumps = {(m, n): root / f"{m}_{SHARED_FOLDER.get(n, n)}" for m, n in names}
+        args = [[*MODELS[m], *layouts[n], "--job.dump_folder", str(dumps[m, n])] for m, n in names]
         losses = torchrun_losses(nproc, args, folder, grads_dir=folder / "grads")
         for i, ((m, n), run_losses) in enumerate(zip(names, losses)):
-            grads = torch.load(folder / "grads" / f"{i}.pt")
-            out[f"{m}/{n}"] = {"losses": run_losses, "grads": grads, "folder": root / f"{m}_{n}"}
+            grads = folder / "grads" / f"{i}.pt"  # absent for a run resumed after step 1
+            out[f"{m}/{n}"] = {
+                "losses": run_losses,
+                "grads": torch.load(grads) if grads.exists() else None,
+                "folder": dumps[m, n],
+            }
     return out
 
 
@@ -338,6 +350,22 @@ def test_context_parallel_under_compile_and_activation_checkpointing(runs, model
     single, run = runs[f"{model}/single"], runs[f"{model}/cp2_compile_full_ac"]
     assert_losses_close(run["losses"], single["losses"], rtol=1e-5)
     assert_grads_close(run["grads"], single["grads"], atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODELS)
+def test_bf16_context_parallel_tracks_fp32(runs, model):
+    run = runs[f"{model}/cp2_ring_bf16"]["losses"]
+    assert run != runs[f"{model}/cp2_ring"]["losses"]  # bf16 really ran
+    assert_losses_close(run, runs[f"{model}/single"]["losses"], rtol=5e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODELS)
+def test_checkpoint_saved_under_cp2_fsdp2_resumes_under_cp4(runs, model):
+    single = runs[f"{model}/single"]["losses"]
+    assert_losses_close(runs[f"{model}/save_cp2_fsdp2"]["losses"], single[:3], rtol=1e-5)
+    assert_losses_close(runs[f"{model}/resume_cp4"]["losses"], single[3:], rtol=1e-5)
 
 
 @pytest.mark.slow

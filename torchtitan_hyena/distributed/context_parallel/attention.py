@@ -112,16 +112,14 @@ class RingAttention(nn.Module):
         return _RingAttention.apply(q, k, v, self.scale, self.cp)
 
 
-def apply_cp_attention(model: nn.Module, cp: ContextParallel) -> int:
-    """Replace every ``InnerAttention`` of ``model`` by its context-parallel version; returns how many."""
+def apply_cp_attention(model: nn.Module, cp: ContextParallel) -> None:
+    """Replace every ``InnerAttention`` of ``model`` by its context-parallel version (parameter-free: the state
+    dict is unchanged)."""
     cls = RingAttention if cp.rotate_method == "ring" else AllGatherAttention
-    count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, InnerAttention):
                 setattr(module, name, cls(child, cp))
-                count += 1
-    return count
 
 
 # ---------------------------------------------------------------------------------------------- ring

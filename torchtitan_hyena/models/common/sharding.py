@@ -17,8 +17,8 @@ class ChannelSlice:
     total: int
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
-        """The rows of a per-channel (total, ...) or per-group (groups, ...) tensor that cover these channels;
-        a slice may not split a group (the caller validates it)."""
+        """The rows of a per-channel (total, ...) or per-group (groups, ...) tensor that cover these channels.
+        A slice may not split a group (layouts that would are rejected before the model is built)."""
         per_row = self.total // t.shape[0]
         if self.start % per_row or self.stop % per_row:
             raise ValueError(f"channels [{self.start}, {self.stop}) split a group of {per_row} channels")
