@@ -291,6 +291,10 @@ LAYOUTS = {
     },
 }  # fmt: skip
 SHARED_FOLDER = {"save_cp2_fsdp2": "ckpt", "resume_cp4": "ckpt"}
+# The shipped long-context debug config (16k tokens, CP 2, ring attention) as it is, for one step.
+LONG = {"hyena/long_config": ["--job.config_file", str(REPO / "train_configs" / "debug_hyena_long.toml"),
+                              "--training.steps", "1", "--validation.enable", "false", "--checkpoint.enable", "false",
+                              "--metrics.enable_tensorboard", "false", "--job.print_config", "false"]}  # fmt: skip
 SKIP = {("llama", "cp2_mr_alltoall")}  # a Hyena-only option
 
 
@@ -305,6 +309,11 @@ def runs(tmp_path_factory) -> dict[str, dict]:
         (folder / "grads").mkdir(parents=True)
         dumps = {(m, n): root / f"{m}_{SHARED_FOLDER.get(n, n)}" for m, n in names}
         args = [[*MODELS[m], *layouts[n], "--job.dump_folder", str(dumps[m, n])] for m, n in names]
+        if nproc == 2:
+            for name, extra in LONG.items():
+                names.append(tuple(name.split("/")))
+                dumps[names[-1]] = root / names[-1][1]
+                args.append([*extra, "--job.dump_folder", str(dumps[names[-1]])])
         losses = torchrun_losses(nproc, args, folder, grads_dir=folder / "grads")
         for i, ((m, n), run_losses) in enumerate(zip(names, losses)):
             grads = folder / "grads" / f"{i}.pt"  # absent for a run resumed after step 1
@@ -350,6 +359,12 @@ def test_context_parallel_under_compile_and_activation_checkpointing(runs, model
     single, run = runs[f"{model}/single"], runs[f"{model}/cp2_compile_full_ac"]
     assert_losses_close(run["losses"], single["losses"], rtol=1e-5)
     assert_grads_close(run["grads"], single["grads"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_long_context_debug_config_trains(runs):
+    (loss,) = runs["hyena/long_config"]["losses"]
+    assert 3.0 < loss < 7.0  # ~ln(256) at init on 16k-token sequences split over 2 ranks
 
 
 @pytest.mark.slow
