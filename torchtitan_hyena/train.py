@@ -290,8 +290,10 @@ class Trainer:
         return loss, grad_norm, int(global_tokens.item())
 
     def _seed_step(self, step: int) -> None:
-        """Per-step RNG state (dropout): a pure function of (seed, step, dp rank), so resume reproduces it."""
-        torch.manual_seed((self.job_config.training.seed * 1_000_003 + step) * 4099 + self.dp_rank)
+        """Per-step RNG state (dropout): a pure function of (seed, step, dp rank, cp rank), so resume reproduces it
+        (context-parallel ranks hold different tokens, so their dropout masks must differ too)."""
+        stream = self.dp_rank if self.cp is None else self.dp_rank * self.cp.degree + self.cp.rank
+        torch.manual_seed((self.job_config.training.seed * 1_000_003 + step) * 4099 + stream)
 
     def train(self) -> list[float]:
         c = self.job_config
