@@ -23,8 +23,8 @@ from torchtitan_hyena.distributed.context_parallel.layout import (
     chunk_ids,
     key_extent,
     local_positions,
+    natural_order,
     shard_sequence,
-    unshard_sequence,
 )
 from torchtitan_hyena.distributed.parallel_dims import ParallelDims
 from torchtitan_hyena.errors import ConfigError
@@ -41,6 +41,12 @@ from torchtitan_hyena.models.hyena.parallelize import validate_hyena_parallelism
 
 
 # ---------------------------------------------------------------------------------------------- layout and masks
+def unshard_sequence(shards: list[torch.Tensor]) -> torch.Tensor:
+    """The whole sequence back from every rank's shard (rank order), through the layout's natural order."""
+    local = [half for shard in shards for half in shard.chunk(2, dim=1)]
+    return torch.cat([local[i] for i in natural_order(len(shards))], dim=1)
+
+
 @pytest.mark.parametrize("degree", [1, 2, 3, 4])
 def test_load_balanced_shards_round_trip_with_global_positions(degree):
     x = torch.arange(2 * 8 * degree * 3).view(2, 8 * degree, 3)

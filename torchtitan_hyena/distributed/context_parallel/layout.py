@@ -15,8 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-ROTATE_METHODS = ("allgather", "ring")
-
 
 def chunk_ids(rank: int, degree: int) -> tuple[int, int]:
     """Global chunk indices held by ``rank``, in local order."""
@@ -52,13 +50,6 @@ def shard_sequence(x: torch.Tensor, rank: int, degree: int, dim: int = 1) -> tor
     """This rank's two chunks of ``x`` along ``dim`` (a copy)."""
     chunks = x.chunk(2 * degree, dim=dim)
     return torch.cat([chunks[i] for i in chunk_ids(rank, degree)], dim=dim)
-
-
-def unshard_sequence(shards: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
-    """Inverse of :func:`shard_sequence`: the whole sequence from every rank's shard (rank order)."""
-    degree = len(shards)
-    local = [half for shard in shards for half in shard.chunk(2, dim=dim)]
-    return torch.cat([local[i] for i in natural_order(degree)], dim=dim)
 
 
 def local_positions(seq_len: int, rank: int, degree: int, device: torch.device | None = None) -> torch.Tensor:
