@@ -46,13 +46,16 @@ def run_cli(args: list[str], module: str = "torchtitan_hyena.train", timeout: in
     )
 
 
-def torchrun_losses(nproc: int, runs: list[list[str]], tmp_path: Path, timeout: int = 900) -> list[list[float]]:
-    """Per-step rank-0 losses of each config in ``runs``, all run in one torchrun job of ``nproc`` ranks."""
+def torchrun_losses(
+    nproc: int, runs: list[list[str]], tmp_path: Path, timeout: int = 900, grads_dir: Path | None = None
+) -> list[list[float]]:
+    """Per-step rank-0 losses of each config in ``runs``, all run in one torchrun job of ``nproc`` ranks.
+    ``grads_dir``: also save each run's whole gradients after step 1 there, as ``<run index>.pt``."""
     runs_file, out_file = tmp_path / "runs.json", tmp_path / "out.json"
     runs_file.write_text(json.dumps(runs))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-        "-m", "tests.helpers.multi_run", str(runs_file), str(out_file),
+        "-m", "tests.helpers.multi_run", str(runs_file), str(out_file), *([str(grads_dir)] if grads_dir else []),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -72,7 +72,6 @@ ODD_FFN = Llama3Args(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, multiple_of=3)
             2, DEBUG, ["--float8.enable", "true", "--float8.emulate", "true",
                        "--float8.precompute_float8_dynamic_scale_for_fsdp", "true"], {}, "needs float8.enable_fsdp",
         ),
-        (4, DEBUG, [], {"cp": 2}, "context parallelism is not available"),
     ],
 )  # fmt: skip
 def test_invalid_layouts_fail_with_one_line(world, args, cli, degrees, fragment):
@@ -85,6 +84,8 @@ def test_valid_layouts_pass():
         (4, {"tp": 2, "shard": 2}, ["--training.enable_cpu_offload", "true"]),
         (4, {"tp": 2, "shard": 1, "replicate": 2}, ["--training.enable_cpu_offload", "true"]),
         (512, {"tp": 8, "shard": 32, "replicate": 2}, ["--parallelism.enable_loss_parallel", "true"]),
+        (8, {"cp": 2, "tp": 2, "shard": 2}, ["--parallelism.context_parallel_rotate_method", "ring"]),
+        (512, {"cp": 2, "tp": 4, "shard": 32, "replicate": 2}, ["--parallelism.enable_loss_parallel", "true"]),
     ]:
         c, pd = config(*cli), dims(world, **degrees)
         validate_parallelism(c, pd)

@@ -25,6 +25,7 @@ from torchtitan_hyena.components.resilience import EXIT_PREEMPTED, NonFiniteGuar
 from torchtitan_hyena.components.validate import Validator
 from torchtitan_hyena.config import ConfigManager, JobConfig, config_table
 from torchtitan_hyena.config.manager import to_dict
+from torchtitan_hyena.distributed.context_parallel import build_context_parallel
 from torchtitan_hyena.distributed.float8 import (
     Accelerator,
     convert_to_float8,
@@ -115,6 +116,7 @@ class Trainer:
         if self.rank == 0 and c.job.print_config:
             logger.info("resolved config:\n" + config_table(c))
         pd.build_mesh(self.device.type)
+        self.cp = build_context_parallel(pd, c)
         set_determinism(c.training.seed, c.training.deterministic)
 
         # Model spec, tokenizer, data: everything that can reject user input comes before the model.
@@ -163,7 +165,12 @@ class Trainer:
                 **data_kwargs,
             )
             self.validator = Validator(
-                val_loader, spec.build_loss_fn(c), c.validation.steps, self.device, self._loss_group()
+                val_loader,
+                spec.build_loss_fn(c),
+                c.validation.steps,
+                self.device,
+                self._loss_group(),
+                prepare_batch=self.prepare_batch,
             )
 
         # Model: built on meta, converted, parallelized, then materialized and initialized.
@@ -240,9 +247,13 @@ class Trainer:
         return None if mesh is None else mesh.get_group()
 
     # ------------------------------------------------------------------ the loop
+    def prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Under context parallelism, this rank's tokens of the batch and their global ``positions``."""
+        return batch if self.cp is None else self.cp.shard_batch(batch)
+
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self._amp():
-            return model(batch["input"])
+            return model(batch["input"], batch.get("positions"))
 
     def train_step(self, microbatches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimizer step over this rank's microbatches. Returns (global loss, grad norm, tokens).
@@ -251,6 +262,7 @@ class Trainer:
         gradient is the same however the batch is split over ranks and accumulation steps.
         """
         self.optimizers.zero_grad()
+        microbatches = [self.prepare_batch(mb) for mb in microbatches]
         local_tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in microbatches)
         global_tokens = dist_sum(local_tokens.to(torch.float64), self._loss_group())
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -278,8 +290,10 @@ class Trainer:
         return loss, grad_norm, int(global_tokens.item())
 
     def _seed_step(self, step: int) -> None:
-        """Per-step RNG state (dropout): a pure function of (seed, step, dp rank), so resume reproduces it."""
-        torch.manual_seed((self.job_config.training.seed * 1_000_003 + step) * 4099 + self.dp_rank)
+        """Per-step RNG state (dropout): a pure function of (seed, step, dp rank, cp rank), so resume reproduces it
+        (context-parallel ranks hold different tokens, so their dropout masks must differ too)."""
+        stream = self.dp_rank if self.cp is None else self.dp_rank * self.cp.degree + self.cp.rank
+        torch.manual_seed((self.job_config.training.seed * 1_000_003 + step) * 4099 + stream)
 
     def train(self) -> list[float]:
         c = self.job_config

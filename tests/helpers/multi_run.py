@@ -1,9 +1,10 @@
 """Run several training configs inside one torchrun job and record rank 0's per-step losses.
 
-    torchrun --nproc_per_node N -m tests.helpers.multi_run RUNS.json OUT.json
+    torchrun --nproc_per_node N -m tests.helpers.multi_run RUNS.json OUT.json [GRADS_DIR]
 
 RUNS.json is a list of argument lists (as for ``python -m torchtitan_hyena.train``). Reusing one
-process group for many configs keeps multi-process tests affordable on a 2-core machine.
+process group for many configs keeps multi-process tests affordable on a 2-core machine. With GRADS_DIR,
+rank 0 also saves every parameter's whole gradient after step 1 of run i as ``GRADS_DIR/i.pt``.
 """
 
 from __future__ import annotations
@@ -13,17 +14,41 @@ import sys
 import traceback
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from torchtitan_hyena.config import ConfigManager
+from torchtitan_hyena.models.common.init import clean_fqn
 from torchtitan_hyena.train import Trainer
+
+
+def save_first_gradients(trainer: Trainer, path: Path) -> None:
+    """After the first train_step, gather every gradient (a collective) and save them from rank 0."""
+    step = trainer.train_step
+
+    def first_step(microbatches):
+        out = step(microbatches)
+        if trainer.state.step == 1:
+            grads = {}
+            for name, p in trainer.model_parts[0].named_parameters():
+                g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                grads[clean_fqn(name)] = g.detach().cpu()
+            if dist.get_rank() == 0:
+                torch.save(grads, path)
+        return out
+
+    trainer.train_step = first_step
 
 
 def main() -> None:
     runs = json.loads(Path(sys.argv[1]).read_text())
+    grads_dir = Path(sys.argv[3]) if len(sys.argv) > 3 else None
     results = []
-    for args in runs:
+    for i, args in enumerate(runs):
         trainer = Trainer(ConfigManager().parse_args(args))
+        if grads_dir is not None:
+            save_first_gradients(trainer, grads_dir / f"{i}.pt")
         try:
             results.append({"losses": trainer.train(), "steps": trainer.state.step})
         finally:

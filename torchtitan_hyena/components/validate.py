@@ -20,12 +20,14 @@ class Validator:
         steps: int,
         device: torch.device,
         loss_group: dist.ProcessGroup | None,
+        prepare_batch: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         self.dataloader = dataloader
         self.loss_fn = loss_fn
         self.steps = steps
         self.device = device
         self.loss_group = loss_group
+        self.prepare_batch = prepare_batch  # e.g. the context-parallel sharding of the trainer
 
     @torch.no_grad()
     def validate(
@@ -40,6 +42,8 @@ class Validator:
             if 0 <= self.steps <= i:
                 break
             batch = batch_to_device(batch, self.device)
+            if self.prepare_batch is not None:
+                batch = self.prepare_batch(batch)
             logits = forward(model, batch)
             total[0] += self.loss_fn(logits, batch["labels"], batch.get("loss_weights")).double()
             total[1] += (batch["labels"] != IGNORE_INDEX).sum()

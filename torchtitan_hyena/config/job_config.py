@@ -145,8 +145,13 @@ class Parallelism:
     data_parallel_replicate_degree: int = opt(1, "HSDP replicas (DDP-style)")
     data_parallel_shard_degree: int = opt(-1, "FSDP shards; -1 takes the ranks left over")
     tensor_parallel_degree: int = opt(1, "tensor (and sequence) parallel degree")
-    context_parallel_degree: int = opt(1, "context parallel degree")
-    context_parallel_rotate_method: str = opt("allgather", "CP attention K/V exchange", ("allgather", "ring"))
+    context_parallel_degree: int = opt(1, "context parallel degree (sequence sharded over this many ranks)")
+    context_parallel_rotate_method: str = opt(
+        "allgather", "CP attention: all-gather K/V once, or pass K/V blocks around a ring", ("allgather", "ring")
+    )
+    context_parallel_mr_method: str = opt(
+        "halo", "hyena: CP for Hyena-MR convs: p2p halo of 127 positions, or all-to-all", ("halo", "alltoall")
+    )
     enable_loss_parallel: bool = opt(False, "cross entropy on vocab-sharded logits (needs tensor_parallel_degree > 1)")
     enable_async_tensor_parallel: bool = opt(
         False, "overlap TP collectives with matmuls (needs compile and NVIDIA; skipped with a warning elsewhere)"

@@ -56,7 +56,9 @@ def apply_ac_compile_fsdp(
     if not ac_outside:
         apply_ac(layers, ac.mode, ac.selective_ac_option)
     if compiled:
-        apply_compile(layers, job_config.compile.backend, fullgraph=not (fp32_units and mesh is not None))
+        # Graph breaks: nested FSDP units (fp32 filters) and the eager context-parallel regions.
+        fullgraph = not ((fp32_units and mesh is not None) or parallel_dims.cp_enabled)
+        apply_compile(layers, job_config.compile.backend, fullgraph=fullgraph)
     if ac_outside:
         apply_ac(layers, ac.mode, ac.selective_ac_option)
     if mesh is None:

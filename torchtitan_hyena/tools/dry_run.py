@@ -127,6 +127,7 @@ class ActivationInputs:
     ac_mode: str
     ac_option: str
     loss_parallel: bool
+    cp_rotate: str = "allgather"  # allgather keeps the whole sequence's K/V per attention layer, ring one block
 
 
 @dataclass(frozen=True)
@@ -177,10 +178,11 @@ def llama3_activations(args: BaseModelArgs, s: ActivationInputs) -> ActivationEs
     """Bytes autograd saves per token and layer, for eager Llama 3 blocks (no compile fusion).
 
     Under TP the residual stream and the norms are sequence-sharded (SP) while the inputs of the
-    column-parallel projections are gathered; under CP each rank holds seq_len / cp tokens but the
-    gathered K/V of the whole sequence.
+    column-parallel projections are gathered; under CP each rank holds seq_len / cp tokens, and all-gather
+    attention keeps the gathered K/V of the whole sequence (ring attention only its own).
     """
-    t, cp, p = s.tp, s.cp, s.act_bytes
+    t, p = s.tp, s.act_bytes
+    cp = s.cp if s.cp_rotate == "allgather" else 1
     h, f, heads = args.dim, args.ffn_hidden_dim, args.n_heads
     q, kv = heads * args.head_dim, args.kv_heads * args.head_dim
     norm = _norm_bytes(h)
@@ -207,9 +209,14 @@ def hyena_activations(args: BaseModelArgs, s: ActivationInputs) -> ActivationEst
     Hyena blocks add the 3D projection and the featurized q/k/v, and the SE/MR reference convolution's fp32
     k*v, output and q (the Triton kernels keep less; the LI FFT op keeps nothing beyond q/k/v); attention
     blocks keep q/k/v after RoPE and the SDPA output. The tied head's logits are whole on every rank.
+    Under CP (seq_len / cp tokens per rank) all-gather attention also keeps the whole sequence's K/V, and the
+    all-to-all convolutions keep the channel-sharded k*v and the returned output (one D/tp-wide tensor each per
+    local token).
     """
     t, p = s.tp, s.act_bytes
     h, f, heads = args.dim, args.ffn_hidden_dim, args.n_heads
+    gathered_kv = 2 * p * h * (s.cp - 1) / t if s.cp_rotate == "allgather" else 0.0
+    all_to_all = 2 * p * h / t if s.cp > 1 else 0.0
     norm = _norm_bytes(h)
     block_input = p * h / t
     common = 2 * norm / t + 2 * p * h + 4 * p * f / t + p * h / t  # norms, gathered inputs, GLU, out_proj input
@@ -217,9 +224,9 @@ def hyena_activations(args: BaseModelArgs, s: ActivationInputs) -> ActivationEst
     layers = []
     for kind in args.layout:
         if kind == "*":
-            mixer, op_kept = 3 * p * h / t + sdpa_out, p * 3 * h / t + sdpa_out
+            mixer, op_kept = 3 * p * h / t + gathered_kv + sdpa_out, p * 3 * h / t + gathered_kv + sdpa_out
         else:
-            mixer, op_kept = 2 * 3 * p * h / t + (3 * 4 * h / t if kind in "SD" else 0), p * 3 * h / t
+            mixer, op_kept = 2 * 3 * p * h / t + (3 * 4 * h / t if kind in "SD" else all_to_all), p * 3 * h / t
         op_sac = block_input + op_kept + p * (f + h) / t + p * h  # every other matmul output, as for Llama
         layers.append((common + mixer, op_sac))
     vocab = args.vocab_size / (t if s.loss_parallel else 1)
@@ -375,6 +382,7 @@ def dry_run(config: JobConfig, world_size: int | None = None, device: str = "mi2
                     ac_mode=ac.mode,
                     ac_option=ac.selective_ac_option,
                     loss_parallel=pd.tp_enabled and p.enable_loss_parallel,
+                    cp_rotate=p.context_parallel_rotate_method,
                 ),
             )
         else:

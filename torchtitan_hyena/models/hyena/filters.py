@@ -9,17 +9,23 @@ layout-invariant :func:`init_param_`. Orientation, as stored:
 * Hyena-LI: impulse response ``h[d, t] = sum_n R[d, n] exp(log_pole[d, n] t)``, t = 0..L-1.
 
 Blocks of ``C // G`` consecutive channels share one SE/MR filter (``repeat_interleave``, not ``repeat``).
+
+Under context parallelism the filter's ``context_parallel`` callable (set by ``parallelize``) runs
+:meth:`HyenaFilter.gated_conv` over the sequence shards: on halo-extended chunks (FIR filters, ``taps``), or on
+all positions of a slice of the channels (``channels``), which then selects the matching filter rows.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from torchtitan_hyena.models.common.dtensor import local
 from torchtitan_hyena.models.common.init import InitFn, clean_fqn, constant, init_param_, normal, uniform
+from torchtitan_hyena.models.common.sharding import ChannelSlice
 from torchtitan_hyena.models.hyena.args import MR_DECAY_PRESETS
 from torchtitan_hyena.ops.conv import gated_causal_conv
 from torchtitan_hyena.ops.fftconv import gated_fft_conv, gated_modal_fft_conv
@@ -27,6 +33,24 @@ from torchtitan_hyena.ops.fftconv import gated_fft_conv, gated_modal_fft_conv
 
 class HyenaFilter(nn.Module):
     """Base class: a gated convolution with its own parameters and init rules."""
+
+    context_parallel: Callable[..., Tensor] | None = None  # (filter, q, k, v, skip) -> y over sequence shards
+
+    @property
+    def taps(self) -> int | None:
+        """FIR length, or None for a filter as long as the sequence."""
+        return None
+
+    def gated_conv(
+        self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None, channels: ChannelSlice | None = None
+    ) -> Tensor:
+        """``q * (h * (k*v) + skip * (k*v))`` on local tensors; ``channels``: they hold only those channels."""
+        raise NotImplementedError
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None) -> Tensor:
+        if self.context_parallel is None:
+            return self.gated_conv(q, k, v, skip)
+        return self.context_parallel(self, q, k, v, skip)
 
     def init_fns(self) -> dict[str, InitFn]:
         """Init function per parameter name (relative to this module)."""
@@ -46,8 +70,15 @@ class ExplicitFilter(HyenaFilter):
         self.conv_impl = conv_impl
         self.h = nn.Parameter(torch.empty(groups, taps))
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None) -> Tensor:
-        return gated_causal_conv(q, k, v, local(self.h), skip, flip=False, impl=self.conv_impl)
+    @property
+    def taps(self) -> int:
+        return self.h.shape[1]
+
+    def gated_conv(
+        self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None, channels: ChannelSlice | None = None
+    ) -> Tensor:
+        h = local(self.h) if channels is None else channels.rows(local(self.h))
+        return gated_causal_conv(q, k, v, h, skip, flip=False, impl=self.conv_impl)
 
     def init_fns(self) -> dict[str, InitFn]:
         return {"h": uniform(1 / math.sqrt(self.h.shape[1]))}  # nn.Conv1d default, as savanna's short conv
@@ -96,8 +127,15 @@ class ExplicitSingleDecayFilter(HyenaFilter):
         )
         return h_hat.float() * decay
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None) -> Tensor:
-        return gated_causal_conv(q, k, v, self.impulse_response(), skip, flip=True, impl=self.conv_impl)
+    @property
+    def taps(self) -> int:
+        return self.h_hat.shape[1]
+
+    def gated_conv(
+        self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None, channels: ChannelSlice | None = None
+    ) -> Tensor:
+        h = self.impulse_response() if channels is None else channels.rows(self.impulse_response())
+        return gated_causal_conv(q, k, v, h, skip, flip=True, impl=self.conv_impl)
 
     def init_fns(self) -> dict[str, InitFn]:
         return {"h_hat": normal(1e-5 / math.sqrt(self.decay_len))}  # savanna small_init: N(0,1)/sqrt(L)*1e-5
@@ -123,8 +161,11 @@ class ImplicitModalFilter(HyenaFilter):
         p, gamma = local(self.p).float(), local(self.gamma).float()
         return -(torch.exp(p) * torch.exp(gamma)), local(self.R).float()
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor) -> Tensor:
-        return gated_modal_fft_conv(q, k, v, *self.modal(), skip)
+    def gated_conv(
+        self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None, channels: ChannelSlice | None = None
+    ) -> Tensor:
+        modal = self.modal() if channels is None else tuple(channels.rows(t) for t in self.modal())
+        return gated_modal_fft_conv(q, k, v, *modal, skip)
 
     def init_fns(self) -> dict[str, InitFn]:
         order = self.R.shape[1]
@@ -177,8 +218,11 @@ class ImplicitFreeformFilter(HyenaFilter):
         alpha = torch.linspace(*self.alpha_range, h.shape[1], device=device).abs()
         return (h * torch.exp(-t_hat * alpha)).transpose(0, 1)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor) -> Tensor:
-        return gated_fft_conv(q, k, v, self.impulse_response(q.shape[1], q.device), skip)
+    def gated_conv(
+        self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None, channels: ChannelSlice | None = None
+    ) -> Tensor:
+        h = self.impulse_response(q.shape[1], q.device)
+        return gated_fft_conv(q, k, v, h if channels is None else channels.rows(h), skip)
 
     def init_fns(self) -> dict[str, InitFn]:
         fns: dict[str, InitFn] = {}

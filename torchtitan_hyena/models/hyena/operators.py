@@ -7,6 +7,8 @@ channels (whole channel triples, whole filter groups, whole heads) as plain tens
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -25,15 +27,27 @@ from torchtitan_hyena.ops.conv import causal_conv
 
 
 class ShortConv(nn.Module):
-    """Depthwise causal FIR with a (C, K) weight in conv1d order (``weight[:, -1]`` = current token)."""
+    """Depthwise causal FIR with a (C, K) weight in conv1d order (``weight[:, -1]`` = current token).
+
+    ``context_parallel`` (set by ``parallelize``) runs :meth:`conv` over sequence shards with halos.
+    """
+
+    context_parallel: Callable[[nn.Module, Tensor], Tensor] | None = None
 
     def __init__(self, channels: int, taps: int, conv_impl: str) -> None:
         super().__init__()
         self.conv_impl = conv_impl
         self.weight = nn.Parameter(torch.empty(channels, taps))
 
-    def forward(self, x: Tensor) -> Tensor:
+    @property
+    def taps(self) -> int:
+        return self.weight.shape[1]
+
+    def conv(self, x: Tensor) -> Tensor:
         return causal_conv(x, local(self.weight), impl=self.conv_impl)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x) if self.context_parallel is None else self.context_parallel(self, x)
 
 
 def build_filter(args: HyenaArgs, kind: str) -> HyenaFilter:

@@ -1,4 +1,4 @@
-"""Apply parallelisms to StripedHyena 2, in TorchTitan's order: TP -> AC -> compile -> FSDP.
+"""Apply parallelisms to StripedHyena 2, in TorchTitan's order: TP -> CP -> AC -> compile -> FSDP.
 
 Tensor parallel plan: Megatron TP with sequence parallelism, as for Llama (``distributed/tensor_parallel.py``):
 activations between blocks are sequence shards, norms run on them, and each mixer and MLP all-gathers its
@@ -13,6 +13,11 @@ input once and reduce-scatters its output.
 * The embedding (vocab 512 for Evo 2, also the tied head) is replicated: its output is cut into sequence
   shards, and the final norm's output is gathered again for the tied head, so logits are whole on every
   rank. An untied head is colwise over the vocabulary (loss parallel possible), as Llama's.
+
+Context parallel plan (``distributed/context_parallel``, stripedhyena2.md §12): attention as Llama's; the
+featurizer and SE (and by default MR) filters exchange K-1 halo positions; LI (and MR with ``mr_method =
+alltoall``) run on channel shards of the whole sequence, so this rank's channels (D/tp) must split into cp
+slices of whole filter groups.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.parallel import PrepareModuleOutput, parallelize_module
 
 from torchtitan_hyena.config import JobConfig
+from torchtitan_hyena.distributed.context_parallel import ContextParallel, build_context_parallel
+from torchtitan_hyena.distributed.context_parallel.attention import apply_cp_attention
+from torchtitan_hyena.distributed.context_parallel.hyena import ChannelShardedFilter, HaloConv, HaloFilter
 from torchtitan_hyena.distributed.float8 import is_tensorwise
 from torchtitan_hyena.distributed.parallel_dims import ParallelDims
 from torchtitan_hyena.distributed.parallelize_common import apply_ac_compile_fsdp
@@ -44,9 +52,9 @@ from torchtitan_hyena.tools.logging import logger
 
 def validate_hyena_parallelism(args: HyenaArgs, parallel_dims: ParallelDims, job_config: JobConfig) -> None:
     """Layouts StripedHyena 2 cannot take, rejected before the model is built."""
-    if parallel_dims.cp_enabled:
-        raise ConfigError("context parallelism is not available for hyena in this build; set context_parallel_degree 1")
     check_tp_divisibility(args, parallel_dims.tp)
+    if parallel_dims.cp_enabled:
+        check_cp_divisibility(args, parallel_dims.tp, parallel_dims.cp, job_config.parallelism)
     if job_config.parallelism.enable_loss_parallel and args.tie_embeddings:
         raise ConfigError(
             "parallelism.enable_loss_parallel needs an untied output head; hyena's tied head computes whole "
@@ -67,6 +75,41 @@ def check_tp_divisibility(args: HyenaArgs, tp: int) -> None:
         raise ConfigError("implicit_freeform LI filters are not tensor-parallel; use implicit_modal or TP degree 1")
 
 
+def check_cp_divisibility(args: HyenaArgs, tp: int, cp: int, parallelism) -> None:
+    """Channel shards of the all-to-all convolutions must hold whole channels (LI) or whole filter groups (MR)."""
+    p = parallelism
+    if p.context_parallel_rotate_method == "ring" and args.attention_dropout > 0:
+        raise ConfigError(
+            "model.attention_dropout needs context_parallel_rotate_method allgather (ring attention has no dropout)"
+        )
+    sizes = {}
+    if "H" in args.layout:
+        sizes["dim / tensor_parallel_degree (Hyena-LI channels)"] = args.dim // tp
+    if "D" in args.layout and p.context_parallel_mr_method == "alltoall":
+        sizes["filter_groups / tensor_parallel_degree (Hyena-MR groups)"] = args.filter_groups // tp
+    for name, size in sizes.items():
+        if size % cp:
+            raise ConfigError(
+                f"parallelism.context_parallel_degree {cp} does not divide the hyena model's {name} = {size}; "
+                f"use a context_parallel_degree that divides {size}"
+            )
+
+
+def apply_cp(model: nn.Module, cp: ContextParallel) -> None:
+    """Attention as Llama's; halo exchange for the FIR convs, all-to-all for the long ones (module docstring)."""
+    apply_cp_attention(model, cp)
+    for block in model.layers.values():
+        if block.kind == "*":
+            continue
+        mixer = block.mixer
+        mixer.featurizer.context_parallel = HaloConv(cp)
+        long = block.kind == "H" or (block.kind == "D" and cp.mr_method == "alltoall")
+        mixer.filter.context_parallel = ChannelShardedFilter(cp) if long else HaloFilter(cp)
+    logger.info(
+        f"applied context parallel (degree {cp.degree}, {cp.rotate_method} attention, Hyena-MR by {cp.mr_method})"
+    )
+
+
 def parallelize_hyena(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
     """Parallelize a meta-device StripedHyena model in place and return it."""
     validate_hyena_parallelism(model.args, parallel_dims, job_config)
@@ -77,6 +120,9 @@ def parallelize_hyena(model: nn.Module, parallel_dims: ParallelDims, job_config:
         fp8 = is_tensorwise(job_config.float8)
         apply_tp(model, tp_mesh, loss_parallel=p.enable_loss_parallel, float8_tensorwise=fp8)
         maybe_enable_async_tp(p.enable_async_tensor_parallel, compiled, tp_mesh)
+    cp = build_context_parallel(parallel_dims, job_config)
+    if cp is not None:
+        apply_cp(model, cp)
     # Tied head: the embedding is used first and last, so it stays in the root unit (gathered for the
     # whole forward; it is tiny at vocab 512). Untied: TorchTitan's embedding / (norm, head) units.
     tied = model.output is None

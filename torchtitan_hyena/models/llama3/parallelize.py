@@ -8,6 +8,8 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
 from torchtitan_hyena.config import JobConfig
+from torchtitan_hyena.distributed.context_parallel import build_context_parallel
+from torchtitan_hyena.distributed.context_parallel.attention import apply_cp_attention
 from torchtitan_hyena.distributed.float8 import is_tensorwise
 from torchtitan_hyena.distributed.parallel_dims import ParallelDims
 from torchtitan_hyena.distributed.parallelize_common import apply_ac_compile_fsdp
@@ -21,15 +23,12 @@ from torchtitan_hyena.distributed.tensor_parallel import (
     norm_plan,
     output_plan,
 )
-from torchtitan_hyena.errors import ConfigError
 from torchtitan_hyena.models.llama3.args import Llama3Args
 from torchtitan_hyena.tools.logging import logger
 
 
 def validate_llama_parallelism(args: Llama3Args, parallel_dims: ParallelDims, job_config: JobConfig) -> None:
     """Layouts Llama 3 cannot take, rejected before the model is built."""
-    if parallel_dims.cp_enabled:
-        raise ConfigError("context parallelism is not available in this build; set context_parallel_degree 1")
     # Heads are split whole across TP ranks (GQA: K/V heads too); the MLP hidden dim is split evenly.
     check_tp_divisible(
         parallel_dims.tp,
@@ -87,6 +86,10 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
             compiled=compiled,
         )
         maybe_enable_async_tp(p.enable_async_tensor_parallel, compiled, tp_mesh)
+    cp = build_context_parallel(parallel_dims, job_config)
+    if cp is not None:
+        apply_cp_attention(model, cp)
+        logger.info(f"applied context parallel (degree {cp.degree}, {cp.rotate_method} attention)")
     apply_ac_compile_fsdp(
         model,
         model.layers,
