@@ -224,6 +224,13 @@ def test_seeded_hybrid_trains_on_the_debug_hyena_config(tmp_path):
     assert (name, flavor, args.tie_embeddings) == ("hyena", "debugmodel", False)
     flags = hybrid.train_flags(args, flavor)
     assert "--model.layout" not in flags and "--model.rope_scaling" in flags  # the flavor's layout; Llama's RoPE
+    # Its fresh Hyena blocks are not weights to score with: score says so and how to get a scoreable checkpoint.
+    (tmp_path / "in.jsonl").write_text('{"tokens": [1, 2, 3]}\n')
+    scored = run_cli(["--checkpoint", str(out), "--tokens", str(tmp_path / "in.jsonl"),
+                      "--output", str(tmp_path / "out.jsonl")], module="torchtitan_hyena.score")  # fmt: skip
+    assert scored.returncode == 2 and len(scored.stderr.strip().splitlines()) == 1, scored.stderr
+    assert "partial seed" in scored.stderr and "--checkpoint.initial_load_path" in scored.stderr
+    assert not (tmp_path / "out.jsonl").exists()
     debug_hyena = str(REPO / "train_configs" / "debug_hyena.toml")
     config = [debug_hyena if a.endswith("debug_model.toml") else a for a in TRAIN_TINY]
     run = tmp_path / "run"

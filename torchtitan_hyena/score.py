@@ -38,7 +38,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_model(checkpoint: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild the model recorded in ``checkpoint/model_args.json`` and load its weights."""
-    from torchtitan_hyena.components.checkpoint import load_model_weights
+    from torchtitan_hyena.components.checkpoint import PARTIAL_SEED_FIX, load_model_weights
     from torchtitan_hyena.models.common.precision import cast_model_
 
     path = Path(checkpoint)
@@ -51,7 +51,7 @@ def load_model(checkpoint: str | Path, device: torch.device, dtype: torch.dtype 
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights(buffer_device=device)
-    load_model_weights([model], path)
+    load_model_weights([model], path, fix=PARTIAL_SEED_FIX)
     cast_model_(model, dtype)  # modules marked keep_fp32_params (Hyena-LI filters) stay fp32
     return model.eval()
 

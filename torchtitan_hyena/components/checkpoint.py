@@ -71,12 +71,26 @@ def model_state_dict(model_parts: list[nn.Module]) -> dict[str, Any]:
     return sd
 
 
-def load_model_weights(model_parts: list[nn.Module], path: Path, strict_shapes: bool = True) -> dict[str, list[str]]:
+# For readers whose model comes from the checkpoint's own model_args.json (score, exporters): a
+# tensor that is absent there means a partial seed, not a wrong flavor.
+PARTIAL_SEED_FIX = (
+    "it is a partial seed (a converter output without embeddings or with fresh Hyena blocks): "
+    "train from it with --checkpoint.initial_load_path, then use a training checkpoint"
+)
+
+
+def load_model_weights(
+    model_parts: list[nn.Module],
+    path: Path,
+    strict_shapes: bool = True,
+    fix: str = "check model.flavor and model.vocab_size",
+) -> dict[str, list[str]]:
     """Load model tensors from a DCP folder into ``model_parts``, tolerating partial checkpoints.
 
     Keys may be plain FQNs or ``model.``-prefixed (DCPs written as ``{"model": sd}``). Parameters
     absent from the checkpoint or of a different shape keep their current (fresh) values and are
-    returned, so the caller can list them.
+    returned, so the caller can list them. ``fix`` ends the error raised on a mismatch under
+    ``strict_shapes``: what the user should change depends on where the model's shape came from.
     """
     meta = read_metadata(path)
     sd = model_state_dict(model_parts)
@@ -96,7 +110,7 @@ def load_model_weights(model_parts: list[nn.Module], path: Path, strict_shapes: 
     if strict_shapes and (missing or mismatched):
         raise UserError(
             f"checkpoint {path} does not match the model: {len(missing)} missing and {len(mismatched)} "
-            f"mis-shaped tensors (first: {(missing + mismatched)[0]}); check model.flavor and model.vocab_size"
+            f"mis-shaped tensors (first: {(missing + mismatched)[0]}); {fix}"
         )
     if not to_load:
         raise UserError(f"checkpoint {path} has no tensor that matches the model; check model.name and model.flavor")

@@ -454,7 +454,7 @@ def convert_dcp_to_evo2(
     """DCP folder (training step or converter output) -> vortex ``.pt`` (+ optional vortex YAML)."""
     import yaml
 
-    from torchtitan_hyena.components.checkpoint import load_model_weights
+    from torchtitan_hyena.components.checkpoint import PARTIAL_SEED_FIX, load_model_weights
     from torchtitan_hyena.models.hyena.model import StripedHyena
 
     out = Path(output)
@@ -471,7 +471,7 @@ def convert_dcp_to_evo2(
     with torch.device("meta"):
         model = StripedHyena(args)
     model.to_empty(device="cpu")
-    load_model_weights([model], Path(input_dir))
+    load_model_weights([model], Path(input_dir), fix=PARTIAL_SEED_FIX)
     state = model_to_vortex(model.state_dict(), args, DTYPES[dtype])
     writes = [(out, lambda f: torch.save(state, f))]
     if yaml_out:
