@@ -7,6 +7,8 @@ GPT-NeoX's rotate-half (x[j], x[j + d/2]) used by StripedHyena 2 / Evo 2.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,6 +35,41 @@ def rope_inv_freq(
     elif scaling != "none":
         raise ValueError(f"unknown RoPE scaling {scaling!r}")
     return inv_freq.float()
+
+
+@dataclass
+class RopeScalingArgs:
+    """Llama-3.1 RoPE frequency scaling, shared by Llama 3 and by hybrid attention seeded from Llama 3.1.
+
+    Mixed into a model's args dataclass, which provides ``head_dim`` and ``rope_theta``.
+    """
+
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+
+    def update_rope_scaling(self, model_config: Any) -> None:
+        """Take the job config's ``[model]`` scaling when it sets one; otherwise keep the flavor's."""
+        if model_config.rope_scaling != "none":
+            self.rope_scaling = model_config.rope_scaling
+            self.rope_scaling_factor = model_config.rope_scaling_factor
+            self.rope_low_freq_factor = model_config.rope_low_freq_factor
+            self.rope_high_freq_factor = model_config.rope_high_freq_factor
+            self.rope_original_max_position = model_config.rope_original_max_position
+
+    def rope_frequencies(self) -> torch.Tensor:
+        """This model's inverse RoPE frequencies (scaling included)."""
+        return rope_inv_freq(
+            self.head_dim,  # type: ignore[attr-defined]
+            self.rope_theta,  # type: ignore[attr-defined]
+            self.rope_scaling,
+            self.rope_scaling_factor,
+            self.rope_low_freq_factor,
+            self.rope_high_freq_factor,
+            self.rope_original_max_position,
+        )
 
 
 def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from torchtitan_hyena.errors import ConfigError
+from torchtitan_hyena.models.common.rope import RopeScalingArgs
 from torchtitan_hyena.protocols.model import BaseModelArgs
 
 # Layer letters: S = Hyena-SE, D = Hyena-MR, H = Hyena-LI, * = multi-head attention.
@@ -53,7 +54,7 @@ def layout_from_indices(slots: dict[int, str], source: str) -> str:
 
 
 @dataclass
-class HyenaArgs(BaseModelArgs):
+class HyenaArgs(RopeScalingArgs, BaseModelArgs):
     """Defaults are Evo 2 7B; flavors override. ``layout`` fixes the depth (one letter per layer)."""
 
     dim: int = 4096
@@ -73,12 +74,6 @@ class HyenaArgs(BaseModelArgs):
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_pi_factor: float = 1.0
-    # Llama-3.1 frequency scaling ("llama3"), for attention seeded from a Llama 3.1 checkpoint.
-    rope_scaling: str = "none"
-    rope_scaling_factor: float = 8.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_position: int = 8192
     tie_embeddings: bool = True
     mlp_activation: str = "evo2"
     attention_dropout: float = 0.0
@@ -146,12 +141,7 @@ class HyenaArgs(BaseModelArgs):
             self.rope_theta = m.rope_theta
         if m.rope_pi_factor > 0:
             self.rope_pi_factor = m.rope_pi_factor
-        if m.rope_scaling != "none":
-            self.rope_scaling = m.rope_scaling
-            self.rope_scaling_factor = m.rope_scaling_factor
-            self.rope_low_freq_factor = m.rope_low_freq_factor
-            self.rope_high_freq_factor = m.rope_high_freq_factor
-            self.rope_original_max_position = m.rope_original_max_position
+        self.update_rope_scaling(m)
         self.tie_embeddings = m.tie_embeddings
         self.attention_dropout = m.attention_dropout
         self.hidden_dropout = m.hidden_dropout

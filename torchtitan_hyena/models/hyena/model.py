@@ -10,7 +10,7 @@ from torchtitan_hyena.models.common.dtensor import local
 from torchtitan_hyena.models.common.init import clean_fqn, constant, init_param_, normal, uniform
 from torchtitan_hyena.models.common.mlp import GatedMLP
 from torchtitan_hyena.models.common.norm import RMSNorm
-from torchtitan_hyena.models.common.rope import rope_inv_freq, rope_tables
+from torchtitan_hyena.models.common.rope import rope_tables
 from torchtitan_hyena.models.hyena.args import HyenaArgs
 from torchtitan_hyena.models.hyena.filters import HyenaFilter
 from torchtitan_hyena.models.hyena.operators import Attention, HyenaOperator
@@ -67,19 +67,7 @@ class StripedHyena(nn.Module):
         self.layers = nn.ModuleDict({str(i): HyenaBlock(i, kind, args) for i, kind in enumerate(args.layout)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.register_buffer("rope_inv_freq", self._inv_freq(), persistent=False)
-
-    def _inv_freq(self) -> torch.Tensor:
-        a = self.args
-        return rope_inv_freq(
-            a.head_dim,
-            a.rope_theta,
-            a.rope_scaling,
-            a.rope_scaling_factor,
-            a.rope_low_freq_factor,
-            a.rope_high_freq_factor,
-            a.rope_original_max_position,
-        )
+        self.register_buffer("rope_inv_freq", self.args.rope_frequencies(), persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is None:
@@ -97,7 +85,7 @@ class StripedHyena(nn.Module):
     def init_weights(self, buffer_device: torch.device | None = None, seed: int = 0) -> None:
         """savanna's Evo 2 init (small_init for inputs, wang_init for outputs), drawn layout-invariantly."""
         device = buffer_device or self.rope_inv_freq.device
-        self.rope_inv_freq = self._inv_freq().to(device)
+        self.rope_inv_freq = self.args.rope_frequencies().to(device)
         a = self.args
         small = a.small_init_std
         wang = 2 / (a.n_layers * a.dim**0.5)

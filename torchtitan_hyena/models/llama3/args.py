@@ -7,11 +7,12 @@ from typing import Any
 
 from torch import nn
 
+from torchtitan_hyena.models.common.rope import RopeScalingArgs
 from torchtitan_hyena.protocols.model import BaseModelArgs
 
 
 @dataclass
-class Llama3Args(BaseModelArgs):
+class Llama3Args(RopeScalingArgs, BaseModelArgs):
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
@@ -21,11 +22,6 @@ class Llama3Args(BaseModelArgs):
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    rope_scaling: str = "none"
-    rope_scaling_factor: float = 8.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_position: int = 8192
     max_seq_len: int = 131072
     depth_init: bool = True
     attention_backend: str = "sdpa"
@@ -34,12 +30,7 @@ class Llama3Args(BaseModelArgs):
         super().update_from_config(job_config)
         m = job_config.model
         self.attention_backend = m.attention_backend
-        if m.rope_scaling != "none":
-            self.rope_scaling = m.rope_scaling
-            self.rope_scaling_factor = m.rope_scaling_factor
-            self.rope_low_freq_factor = m.rope_low_freq_factor
-            self.rope_high_freq_factor = m.rope_high_freq_factor
-            self.rope_original_max_position = m.rope_original_max_position
+        self.update_rope_scaling(m)
 
     @property
     def head_dim(self) -> int:

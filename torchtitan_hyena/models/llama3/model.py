@@ -8,7 +8,7 @@ from torch import nn
 from torchtitan_hyena.models.common.attention import InnerAttention
 from torchtitan_hyena.models.common.init import clean_fqn, constant, init_param_, normal, trunc_normal
 from torchtitan_hyena.models.common.mlp import GatedMLP
-from torchtitan_hyena.models.common.rope import apply_rope_interleaved, rope_inv_freq, rope_tables
+from torchtitan_hyena.models.common.rope import apply_rope_interleaved, rope_tables
 from torchtitan_hyena.models.llama3.args import Llama3Args
 
 
@@ -59,19 +59,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.register_buffer("rope_inv_freq", self._inv_freq(), persistent=False)
-
-    def _inv_freq(self) -> torch.Tensor:
-        a = self.args
-        return rope_inv_freq(
-            a.head_dim,
-            a.rope_theta,
-            a.rope_scaling,
-            a.rope_scaling_factor,
-            a.rope_low_freq_factor,
-            a.rope_high_freq_factor,
-            a.rope_original_max_position,
-        )
+        self.register_buffer("rope_inv_freq", self.args.rope_frequencies(), persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is None:
@@ -86,7 +74,7 @@ class Transformer(nn.Module):
     def init_weights(self, buffer_device: torch.device | None = None, seed: int = 0) -> None:
         """TorchTitan's init (depth-scaled output projections), drawn layout-invariantly."""
         device = buffer_device or self.rope_inv_freq.device
-        self.rope_inv_freq = self._inv_freq().to(device)
+        self.rope_inv_freq = self.args.rope_frequencies().to(device)
         a = self.args
         for fqn, param in self.named_parameters():
             name = clean_fqn(fqn)
