@@ -7,6 +7,7 @@ naming the key, before any work starts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import typing
@@ -49,19 +50,15 @@ def _convert(key: str, raw: Any, tp: Any, from_cli: bool) -> Any:
         if isinstance(raw, int) and not isinstance(raw, bool):
             return raw
         if from_cli and isinstance(raw, str):
-            try:
+            with contextlib.suppress(ValueError):
                 return int(raw)
-            except ValueError:
-                pass
         raise ConfigError(f"{key} expects an integer, got {raw!r}")
     if tp is float:
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
             return float(raw)
         if from_cli and isinstance(raw, str):
-            try:
+            with contextlib.suppress(ValueError):
                 return float(raw)
-            except ValueError:
-                pass
         raise ConfigError(f"{key} expects a number, got {raw!r}")
     if tp is str:
         if isinstance(raw, str):

@@ -45,7 +45,7 @@ class HyenaFilter(nn.Module):
         self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None, channels: ChannelSlice | None = None
     ) -> Tensor:
         """``q * (h * (k*v) + skip * (k*v))`` on local tensors; ``channels``: they hold only those channels."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define gated_conv")
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None) -> Tensor:
         if self.context_parallel is None:
@@ -54,7 +54,7 @@ class HyenaFilter(nn.Module):
 
     def init_fns(self) -> dict[str, InitFn]:
         """Init function per parameter name (relative to this module)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define init_fns")
 
     def init_weights(self, seed: int, prefix: str) -> None:
         fns = self.init_fns()
