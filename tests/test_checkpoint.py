@@ -92,3 +92,24 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert lines[-1].startswith("error:") and fragment in lines[-1], lines[-1]
         assert "Traceback" not in proc.stderr
+
+
+def _follow_rank0(rank: int, world: int, store_path: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from torchtitan_hyena.components.checkpoint import _rank0_decides
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    try:
+        # Rank 1 sees an older folder state (say, before rank 0 wrote step 6's marker).
+        choice = _rank0_decides(lambda: (6, None) if dist.get_rank() == 0 else (4, None))
+        torch.save(choice, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_resumes_from_the_step_rank_0_chose(tmp_path):
+    """Ranks listing the checkpoint folder on their own could pick different steps and deadlock in DCP."""
+    out = str(tmp_path / "choice")
+    torch.multiprocessing.spawn(_follow_rank0, args=(2, str(tmp_path / "store"), out), nprocs=2)
+    assert [torch.load(f"{out}.{r}") for r in range(2)] == [(6, None), (6, None)]

@@ -13,9 +13,10 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -127,6 +128,18 @@ def load_model_weights(
     return {"missing": missing, "mismatched": mismatched, "unused": unused}
 
 
+T = TypeVar("T")
+
+
+def _rank0_decides(decide: Callable[[], T]) -> T:
+    """``decide()`` on rank 0, broadcast to every rank (just ``decide()`` without a process group)."""
+    if not dist.is_initialized():
+        return decide()
+    box = [decide() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class CheckpointManager:
     """Saves and restores the whole training state through DCP."""
 
@@ -170,23 +183,32 @@ class CheckpointManager:
         """
         c = self.config
         if self.enabled:
-            for p in sorted(step_folders(self.folder, complete_only=False).items()):
-                if not (p[1] / COMPLETE_MARKER).exists():
-                    logger.warning(f"ignoring incomplete checkpoint {p[1]} (no completion marker)")
-            complete = step_folders(self.folder)
-            if c.load_step >= 0:
-                if c.load_step not in complete:
-                    raise UserError(
-                        f"checkpoint.load_step {c.load_step} has no complete checkpoint in {self.folder}; "
-                        f"available: {sorted(complete) or 'none'}"
-                    )
-                return self._resume(c.load_step, complete[c.load_step])
-            if complete:
-                step = max(complete)
-                return self._resume(step, complete[step])
+            # Rank 0 reads the folder and every rank follows its choice: ranks listing a shared filesystem
+            # on their own can disagree (metadata caches, a marker written a moment ago) and then deadlock.
+            step, error = _rank0_decides(self._step_to_resume)
+            if error:
+                raise UserError(error)
+            if step is not None:
+                return self._resume(step, self.folder / f"step-{step}")
         if c.initial_load_path:
             self._initial_load(Path(c.initial_load_path))
         return 0
+
+    def _step_to_resume(self) -> tuple[int | None, str | None]:
+        """(step to resume from or None, error message or None), from this rank's view of the folder."""
+        for _, path in sorted(step_folders(self.folder, complete_only=False).items()):
+            if not (path / COMPLETE_MARKER).exists():
+                logger.warning(f"ignoring incomplete checkpoint {path} (no completion marker)")
+        complete = step_folders(self.folder)
+        wanted = self.config.load_step
+        if wanted >= 0 and wanted not in complete:
+            return None, (
+                f"checkpoint.load_step {wanted} has no complete checkpoint in {self.folder}; "
+                f"available: {sorted(complete) or 'none'}"
+            )
+        if wanted >= 0:
+            return wanted, None
+        return (max(complete) if complete else None), None
 
     def _resume(self, step: int, path: Path) -> int:
         t0 = time.perf_counter()
