@@ -2,7 +2,8 @@
 
 Mesh dimensions, outermost first: ``dp_replicate, dp_shard, cp, tp`` (only those > 1 are built).
 Flattened views: ``dp`` (data loading: replicate x shard), ``dp_shard_cp`` (FSDP parameter
-sharding: shard x cp, as TorchTitan folds CP into FSDP) and ``dp_cp`` (loss averaging).
+sharding: shard x cp, as TorchTitan folds CP into FSDP) and ``dp_cp`` (loss averaging). The flattened
+meshes are kept as ``_flatten`` returns them: slicing a flattened name from the root mesh is deprecated.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class ParallelDims:
     tp: int
     world_size: int
     _mesh: DeviceMesh | None = field(default=None, repr=False)
+    _flat: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -61,18 +63,14 @@ class ParallelDims:
             dims = [("dp_shard", 1)]
         names = tuple(n for n, _ in dims)
         mesh = init_device_mesh(device_type, tuple(d for _, d in dims), mesh_dim_names=names)
-        self._flatten(mesh, ("dp_replicate", "dp_shard"), "dp")
-        self._flatten(mesh, ("dp_shard", "cp"), "dp_shard_cp")
-        self._flatten(mesh, ("dp_replicate", "dp_shard", "cp"), "dp_cp")
+        self._flat = {}
+        for alias, parts in self._ALIASES.items():
+            present = tuple(d for d in parts if d in names)
+            if len(present) > 1:
+                self._flat[alias] = mesh[present]._flatten(mesh_dim_name=alias)
         self._mesh = mesh
         logger.info(f"device mesh {dict(dims)} on {device_type}")
         return mesh
-
-    @staticmethod
-    def _flatten(mesh: DeviceMesh, dims: tuple[str, ...], name: str) -> None:
-        present = tuple(d for d in dims if d in (mesh.mesh_dim_names or ()))
-        if len(present) > 1:
-            mesh[present]._flatten(mesh_dim_name=name)
 
     @property
     def world_mesh(self) -> DeviceMesh:
@@ -99,16 +97,24 @@ class ParallelDims:
     def get_mesh(self, name: str) -> DeviceMesh | None:
         """The (possibly flattened) sub-mesh ``name``, or None when that dimension is absent (size 1)."""
         dim = self._dim_name(name)
-        return None if dim is None else self.world_mesh[dim]
+        if dim is None:
+            return None
+        return self._flat[dim] if dim in self._flat else self.world_mesh[dim]
 
     def fsdp_mesh(self) -> DeviceMesh | None:
         """FSDP mesh (dp_shard x cp), or the 2-D HSDP mesh with dp_replicate; None without DP or CP."""
         shard = self._dim_name("dp_shard_cp")
         if shard is None or (self.dp_replicate == 1 and self.dp_shard * self.cp == 1):
             return None
+        if self.dp_replicate > 1 and shard in self._flat:
+            # (replicate, shard x cp): the flattened dp_cp mesh unflattened into those two dimensions, made once.
+            if "hsdp_cp" not in self._flat:
+                sizes = (self.dp_replicate, self.dp_shard * self.cp)
+                self._flat["hsdp_cp"] = self._flat["dp_cp"]._unflatten(0, sizes, ("dp_replicate", shard))
+            return self._flat["hsdp_cp"]
         if self.dp_replicate > 1:
             return self.world_mesh[("dp_replicate", shard)]
-        return self.world_mesh[shard]
+        return self.get_mesh(shard)
 
     @property
     def dp_enabled(self) -> bool:

@@ -76,16 +76,36 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
+def _square_share(grads: list[torch.Tensor], world_size: int) -> torch.Tensor:
+    """This rank's share of the squared norm of ``grads`` (one mesh and placement), such that summing the
+    shares over all ranks gives the squared norm of the full gradients.
+
+    Shards add up; a replicated dimension, and every rank outside the mesh, holds copies, each counting
+    ``1 / copies``. Partial gradients are reduced first (DTensor), after which every rank holds the norm.
+    """
+    first = grads[0]
+    if isinstance(first, DTensor) and not any(p.is_partial() for p in first.placements):
+        mesh = first.device_mesh
+        copies = world_size // mesh.size()
+        for size, placement in zip(mesh.shape, first.placements):
+            if placement.is_replicate():
+                copies *= size
+        local = torch.nn.utils.get_total_norm([g.to_local() for g in grads], norm_type=2.0, foreach=True)
+        return local.float() ** 2 / copies
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return norm.float() ** 2 / world_size
 
 
 @torch.no_grad()
 def clip_grad_norm_(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Total gradient norm over all ranks (FSDP and TP shards included); clip when max_norm > 0.
+    """Total gradient norm over all ranks (FSDP, TP and CP shards included); clip when max_norm > 0.
 
-    Gradients may live on different meshes (e.g. FSDP-only norms next to FSDP x TP matrices);
-    norms are computed per mesh and combined, which ``torch.nn.utils.clip_grad_norm_`` cannot do.
+    Gradients may live on different meshes (e.g. FSDP-only norms next to FSDP x TP matrices), which
+    ``torch.nn.utils.clip_grad_norm_`` cannot combine. Each group's local sum of squares becomes a share
+    of the global one and a single all-reduce over the world adds them up (DTensor would all-reduce once
+    per group and sharded mesh dimension).
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
@@ -94,13 +114,13 @@ def clip_grad_norm_(parameters: list[torch.nn.Parameter], max_norm: float) -> to
     for g in grads:
         key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
         groups.setdefault(key, []).append(g)
-    squares = []
-    for group in groups.values():
-        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)
-        squares.append(_full(norm).float() ** 2)
-    total = torch.stack(squares).sum().sqrt()
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    shares = torch.stack([_square_share(group, world_size) for group in groups.values()])
+    total = dist_sum(shares.sum(), dist.group.WORLD if world_size > 1 else None).sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for group in groups.values():  # foreach per group: DTensors of one mesh, or plain tensors
+            torch._foreach_mul_(group, coef.to(group[0].device))
     return total
 
 
