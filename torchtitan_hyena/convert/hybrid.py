@@ -34,6 +34,7 @@ import torch
 from torchtitan_hyena.convert.common import LazyTensor
 from torchtitan_hyena.convert.llama import EMBEDDING_KEYS, LlamaCheckpoint, permute_qk
 from torchtitan_hyena.errors import UserError
+from torchtitan_hyena.models.common.rope import RopeScalingArgs
 from torchtitan_hyena.models.hyena import hyena_flavors
 from torchtitan_hyena.models.hyena.args import HyenaArgs, parse_layout
 from torchtitan_hyena.models.hyena.model import StripedHyena
@@ -43,7 +44,8 @@ from torchtitan_hyena.tools.logging import logger
 MODEL_NAME = "hyena"
 # Evo 2's striping (its 1B, 7B and 20B layouts are this pattern cut to their depth; 32 layers give Evo 2 7B's).
 DEFAULT_PATTERN = "SDH*SDH"
-_ROPE_SCALING = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_position")
+# The Llama-3.1 scaling parameters besides the mode (the shared RopeScalingArgs fields).
+_ROPE_SCALING = tuple(f.name for f in dataclasses.fields(RopeScalingArgs) if f.name != "rope_scaling")
 
 
 def default_layout(n_layers: int) -> str:
@@ -75,8 +77,7 @@ def hybrid_args(llama: Llama3Args, layout: str, keep_embeddings: bool) -> tuple[
         norm_eps=llama.norm_eps,
         rope_theta=llama.rope_theta,
         rope_pi_factor=1.0,
-        rope_scaling=llama.rope_scaling,
-        **{k: getattr(llama, k) for k in _ROPE_SCALING},
+        **{f.name: getattr(llama, f.name) for f in dataclasses.fields(RopeScalingArgs)},
         tie_embeddings=not keep_embeddings,
         mlp_activation="silu",
     )
