@@ -41,7 +41,7 @@ OPS = {
 
 
 def fft_causal_conv(x: torch.Tensor, weight: torch.Tensor, flip: bool) -> torch.Tensor:
-    """Depthwise causal conv by FFT with n = 2L in fp32 (``stripedhyena2.md`` §3); weight (C, K)."""
+    """Depthwise causal conv by FFT with n = 2L in fp32 (``docs/stripedhyena2.md`` §3); weight (C, K)."""
     L = x.shape[1]
     h = (weight if flip else weight.flip(-1)).float()  # impulse response, h[:, 0] = lag 0
     n = 2 * L

@@ -1,5 +1,5 @@
 """Evo 2 (vortex) conversion: round trip through the CLIs and scoring against an independent vortex-style
-forward written here from stripedhyena2.md, plus one-line errors for bad inputs."""
+forward written here from docs/stripedhyena2.md, plus one-line errors for bad inputs."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def test_layout_strings_and_index_lists():
             parse_layout(bad)
 
 
-# stripedhyena2.md §1: the YAML index lists of every Evo 2 size.
+# docs/stripedhyena2.md §1: the YAML index lists of every Evo 2 size.
 EVO2_INDICES = {
     "evo2_1b": ([3, 10, 17, 24], [0, 4, 7, 11, 14, 18, 21], [1, 5, 8, 12, 15, 19, 22], [2, 6, 9, 13, 16, 20, 23]),
     "evo2_7b": (

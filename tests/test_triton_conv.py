@@ -192,7 +192,7 @@ def test_filter_gradient_is_deterministic():
 
 class _HyenaBlockStandIn(nn.Module):
     """Projection -> featurizer conv (3 taps on 3D channels) -> de-interleaved (q, k, v) channel triples ->
-    grouped gated conv -> output projection, as in a Hyena-SE/MR block (``stripedhyena2.md`` §2)."""
+    grouped gated conv -> output projection, as in a Hyena-SE/MR block (``docs/stripedhyena2.md`` §2)."""
 
     def __init__(self, dim: int, groups: int, taps: int, flip: bool, with_skip: bool, impl: str) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Evo 2 / vortex checkpoints <-> torchtitan_hyena DCP checkpoints (stripedhyena2.md §8).
+"""Evo 2 / vortex checkpoints <-> torchtitan_hyena DCP checkpoints (docs/stripedhyena2.md §8).
 
 A vortex checkpoint is a flat state dict (``blocks.{i}.…``) in one ``.pt`` file or raw byte shards
 ``.pt.part0..N``, described by a vortex YAML. Conversion renames and reshapes, and changes two

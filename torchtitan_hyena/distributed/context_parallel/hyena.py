@@ -1,4 +1,4 @@
-"""Hyena operators over a context-parallel (load-balanced) sequence (stripedhyena2.md §12).
+"""Hyena operators over a context-parallel (load-balanced) sequence (docs/stripedhyena2.md §12).
 
 * FIR convolutions (the K=3 featurizer, Hyena-SE K=7, Hyena-MR K=128 by default) need the K-1 positions before
   each local chunk: :func:`fir_with_halo` fetches them point-to-point (``halo_exchange``), runs both chunks as a

@@ -1,6 +1,6 @@
 """StripedHyena 2: flavors and the TrainSpec (registered as ``hyena``).
 
-Evo 2 flavors take the published sizes (stripedhyena2.md §7): vocab 512, tied embeddings, eps 1e-6,
+Evo 2 flavors take the published sizes (docs/stripedhyena2.md §7): vocab 512, tied embeddings, eps 1e-6,
 SE/MR filter lengths 7/128, 16 LI modes, MR decay ``weak`` with savanna's pretraining L_cache 8192.
 ``max_seq_len`` is overwritten by ``training.seq_len``.
 """

@@ -1,4 +1,4 @@
-"""StripedHyena 2 hyper-parameters, the layer layout and the FLOP model (stripedhyena2.md §1, §7, §11)."""
+"""StripedHyena 2 hyper-parameters, the layer layout and the FLOP model (docs/stripedhyena2.md §1, §7, §11)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Inner filters of the three Hyena operators (stripedhyena2.md §3-§4), each applied as a gated convolution.
+"""Inner filters of the three Hyena operators (docs/stripedhyena2.md §3-§4), each applied as a gated convolution.
 
 Every filter module is called as ``filter(q, k, v, skip) -> q * (h * (k*v) + skip * (k*v))`` on (B, L, C)
 tensors holding this rank's channels, and owns its initialisation rules (savanna's), drawn through the

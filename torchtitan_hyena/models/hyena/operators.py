@@ -67,7 +67,7 @@ def build_filter(args: HyenaArgs, kind: str) -> HyenaFilter:
 class HyenaOperator(nn.Module):
     """``out_proj(q * (h * (k*v) + D * (k*v)))`` with (q, k, v) from a featurized 3D projection.
 
-    Steps (stripedhyena2.md §2): ``z = featurizer(projections(x))`` (length-3 causal FIR on all 3D
+    Steps (docs/stripedhyena2.md §2): ``z = featurizer(projections(x))`` (length-3 causal FIR on all 3D
     channels); channel triple (3i, 3i+1, 3i+2) is (q, k, v) of channel i (vortex ``x2, x1, v``); then the
     operator's gated convolution; SE has no D term. Sharding the 3D rows into contiguous blocks gives each
     tensor-parallel rank whole triples, so the de-interleave below is the same on every layout.

@@ -14,7 +14,7 @@ input once and reduce-scatters its output.
   shards, and the final norm's output is gathered again for the tied head, so logits are whole on every
   rank. An untied head is colwise over the vocabulary (loss parallel possible), as Llama's.
 
-Context parallel plan (``distributed/context_parallel``, stripedhyena2.md §12): attention as Llama's; the
+Context parallel plan (``distributed/context_parallel``, docs/stripedhyena2.md §12): attention as Llama's; the
 featurizer and SE (and by default MR) filters exchange K-1 halo positions; LI (and MR with ``mr_method =
 alltoall``) run on channel shards of the whole sequence, so this rank's channels (D/tp) must split into cp
 slices of whole filter groups.
