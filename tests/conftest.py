@@ -51,6 +51,13 @@ def torchrun_losses(
 ) -> list[list[float]]:
     """Per-step rank-0 losses of each config in ``runs``, all run in one torchrun job of ``nproc`` ranks.
     ``grads_dir``: also save each run's whole gradients after step 1 there, as ``<run index>.pt``."""
+    return [r["losses"] for r in torchrun_runs(nproc, runs, tmp_path, timeout, grads_dir)]
+
+
+def torchrun_runs(
+    nproc: int, runs: list[list[str]], tmp_path: Path, timeout: int = 900, grads_dir: Path | None = None
+) -> list[dict]:
+    """``{"losses", "grad_norms", "steps"}`` (rank 0, per step) of each config in ``runs``, in one torchrun job."""
     runs_file, out_file = tmp_path / "runs.json", tmp_path / "out.json"
     runs_file.write_text(json.dumps(runs))
     cmd = [
@@ -60,7 +67,7 @@ def torchrun_losses(
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return [r["losses"] for r in json.loads(out_file.read_text())]
+    return json.loads(out_file.read_text())
 
 
 def assert_losses_close(actual: list[float], expected: list[float], rtol: float) -> None:

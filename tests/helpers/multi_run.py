@@ -2,9 +2,10 @@
 
     torchrun --nproc_per_node N -m tests.helpers.multi_run RUNS.json OUT.json [GRADS_DIR]
 
-RUNS.json is a list of argument lists (as for ``python -m torchtitan_hyena.train``). Reusing one
-process group for many configs keeps multi-process tests affordable on a 2-core machine. With GRADS_DIR,
-rank 0 also saves every parameter's whole gradient after step 1 of run i as ``GRADS_DIR/i.pt``.
+RUNS.json is a list of argument lists (as for ``python -m torchtitan_hyena.train``); OUT.json gets one
+``{"losses", "grad_norms", "steps"}`` per run. Reusing one process group for many configs keeps multi-process
+tests affordable on a 2-core machine. With GRADS_DIR, rank 0 also saves every parameter's whole gradient after
+step 1 of run i as ``GRADS_DIR/i.pt``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,20 @@ def save_first_gradients(trainer: Trainer, path: Path) -> None:
     trainer.train_step = first_step
 
 
+def record_grad_norms(trainer: Trainer) -> list[float]:
+    """The global gradient norm (before clipping) of every step, filled in as the run goes."""
+    norms: list[float] = []
+    step = trainer.train_step
+
+    def recorded(microbatches):
+        out = step(microbatches)
+        norms.append(out[1].item())
+        return out
+
+    trainer.train_step = recorded
+    return norms
+
+
 def main() -> None:
     runs = json.loads(Path(sys.argv[1]).read_text())
     grads_dir = Path(sys.argv[3]) if len(sys.argv) > 3 else None
@@ -49,8 +64,10 @@ def main() -> None:
         trainer = Trainer(ConfigManager().parse_args(args))
         if grads_dir is not None:
             save_first_gradients(trainer, grads_dir / f"{i}.pt")
+        grad_norms = record_grad_norms(trainer)
         try:
-            results.append({"losses": trainer.train(), "steps": trainer.state.step})
+            losses = trainer.train()
+            results.append({"losses": losses, "grad_norms": grad_norms, "steps": trainer.state.step})
         finally:
             trainer.close()
     if dist.get_rank() == 0:
