@@ -57,11 +57,11 @@ def make_checkpoint(folder: Path, source: str) -> tuple[int, int]:
     returns (total bytes, largest layer bytes)."""
     from safetensors.torch import save_file
 
-    from torchtitan_hyena.convert.llama import expected_shapes, to_hf_name
-    from torchtitan_hyena.convert.llama_config import args_from_meta_params, hf_config_from_args
+    from torchtitan_hyena.convert.llama import expected_shapes
+    from torchtitan_hyena.models.llama3.state_dict_adapter import HFAdapter, MetaAdapter, to_hf_name
 
     folder.mkdir(parents=True)
-    args = args_from_meta_params(PARAMS)
+    args = MetaAdapter.args_from_config(PARAMS)
     shards = int(source.split("-")[1]) if source.startswith("meta-") else 1
     parts: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
     total, layer = 0, {}
@@ -76,7 +76,7 @@ def make_checkpoint(folder: Path, source: str) -> tuple[int, int]:
         for part, piece in zip(parts, pieces):
             part[key] = piece.clone()
     if source == "hf":
-        (folder / "config.json").write_text(json.dumps(hf_config_from_args(args, torch.bfloat16)))
+        (folder / "config.json").write_text(json.dumps(HFAdapter(args).config(torch.bfloat16)))
         save_file({to_hf_name(k): t for k, t in parts[0].items()}, folder / "model.safetensors", {"format": "pt"})
     else:
         (folder / "params.json").write_text(json.dumps(PARAMS))
@@ -90,7 +90,7 @@ def load_everything(input_dir: Path, output_dir: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
 
-    from torchtitan_hyena.convert.llama import from_hf_name
+    from torchtitan_hyena.models.llama3.state_dict_adapter import from_hf_name
 
     if (input_dir / "model.safetensors").exists():
         shards = [{from_hf_name(k): t for k, t in load_file(input_dir / "model.safetensors").items()}]

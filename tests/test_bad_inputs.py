@@ -19,6 +19,7 @@ CASES = {
     "batch_not_multiple": (["--training.local_batch_size", "4", "--training.global_batch_size", "6"], "multiple of"),
     "unknown_model": (["--model.name", "gpt5"], "is not a registered model"),
     "unknown_flavor": (["--model.flavor", "3B"], "is not a llama3 flavor"),
+    "other_family_key": (["--model.layout", "SDH*"], "model.layout = 'SDH*' is hyena's option and model.name 'llama3'"),
     "missing_dataset": (["--training.dataset_path", "/no/such/neural_pile"], "does not exist"),
     "missing_split": (["--training.dataset_split", "validation"], "has no split 'validation'"),
     "unknown_dataset": (["--training.dataset", "imagenet"], "training.dataset 'imagenet' is unknown"),
@@ -47,11 +48,11 @@ def test_bad_input(name, tmp_path):
 
 def test_seq_len_must_split_across_tp_and_cp():
     """Checked before any model is built; needs no processes (the check only reads the degrees)."""
+    from torchtitan_hyena.build import validate_layout
     from torchtitan_hyena.config import ConfigManager
     from torchtitan_hyena.distributed.float8 import Accelerator
     from torchtitan_hyena.distributed.parallel_dims import ParallelDims
     from torchtitan_hyena.errors import ConfigError
-    from torchtitan_hyena.train import validate_layout
 
     def check(seq_len: int, tp: int, cp: int) -> None:
         config = ConfigManager().parse_args(["--training.seq_len", str(seq_len)])

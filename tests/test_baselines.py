@@ -56,6 +56,9 @@ LAYOUTS = {
 }
 
 
+ROPE_1E4 = ["--model.rope_theta", "10000"]  # Llama's debug flavor has 5e5
+
+
 def run_args(model: str, layout: str) -> list[str]:
     return ["--job.config_file", MODELS[model], *COMMON, *LAYOUTS[layout][1]]
 
@@ -79,6 +82,9 @@ def curves(tmp_path_factory) -> dict[tuple[str, str], dict]:
         for nproc in sorted({n for n, _ in LAYOUTS.values()}):
             keys = [(m, layout) for m in MODELS for layout, (n, _) in LAYOUTS.items() if n == nproc]
             runs = [[*run_args(m, layout), "--job.dump_folder", str(root / f"{m}_{layout}")] for m, layout in keys]
+            if nproc == 1:  # shares the job: Llama with another RoPE base, against the stored curve
+                keys.append(("llama3", "rope_theta_1e4"))
+                runs.append([*run_args("llama3", "one_process"), *ROPE_1E4, "--job.dump_folder", str(root / "rope")])
             folder = root / f"ranks{nproc}"
             folder.mkdir()
             out.update(zip(keys, torchrun_runs(nproc, runs, folder)))
@@ -120,3 +126,11 @@ def test_loss_and_grad_norm_match_stored_baseline(curves, model, layout):
     grad_rtol = 0.0 if exact else GRAD_NORM_RTOL
     assert_curve_matches(f"{model}/{layout} grad norm", run["grad_norms"], stored["grad_norm"], grad_rtol)
     assert stored["loss"][-1] < 0.8 * stored["loss"][0]  # the baseline itself is a run that learns
+
+
+def test_llama_honours_rope_theta_beyond_the_tolerance(curves):
+    """``--model.rope_theta 10000`` changes a Llama run's loss, by more than the cross-environment tolerance: a real
+    change of the computation is caught even where the comparison is not exact."""
+    stored = json.loads((BASELINES / "llama3.json").read_text())["layouts"]["one_process"]["loss"]
+    losses = curves[("llama3", "rope_theta_1e4")]["losses"]
+    assert max(abs(a - e) / e for a, e in zip(losses, stored)) > 100 * LOSS_RTOL

@@ -18,6 +18,7 @@ from torchtitan_hyena.config import ConfigManager
 from torchtitan_hyena.distributed.context_parallel import attention as cp_attention
 from torchtitan_hyena.distributed.context_parallel.collectives import halo_plan
 from torchtitan_hyena.distributed.context_parallel.layout import (
+    ChannelSlice,
     ContextParallel,
     block_kind,
     chunk_ids,
@@ -28,7 +29,6 @@ from torchtitan_hyena.distributed.context_parallel.layout import (
 )
 from torchtitan_hyena.distributed.parallel_dims import ParallelDims
 from torchtitan_hyena.errors import ConfigError
-from torchtitan_hyena.models.common.sharding import ChannelSlice
 from torchtitan_hyena.models.hyena import hyena_flavors
 from torchtitan_hyena.models.hyena.args import HyenaArgs
 from torchtitan_hyena.models.hyena.filters import (
@@ -220,8 +220,10 @@ def test_hyena_cp_layouts_are_validated_before_the_model_is_built():
 def test_dry_run_activation_estimate_shrinks_with_context_parallelism():
     import dataclasses
 
+    from torchtitan_hyena.models.hyena.activations import hyena_activations
     from torchtitan_hyena.models.llama3 import llama3_flavors
-    from torchtitan_hyena.tools.dry_run import ActivationInputs, hyena_activations, llama3_activations
+    from torchtitan_hyena.models.llama3.activations import llama3_activations
+    from torchtitan_hyena.tools.activation_memory import ActivationInputs
 
     s = ActivationInputs(microbatch=1, seq_len=131072, tp=8, cp=1, act_bytes=2, ac_mode="full", ac_option="1",
                          loss_parallel=True)  # fmt: skip

@@ -14,12 +14,13 @@ import torch.distributed.checkpoint as dcp
 from tests.conftest import TINY as TINY_RUN
 from tests.conftest import run_cli
 from tests.helpers.llama_ckpt import TINY, hf_logprobs, read_dcp, save_meta, tiny_hf_model
+from torchtitan_hyena.build import load_model
 from torchtitan_hyena.components.checkpoint import load_model_weights
 from torchtitan_hyena.convert import hub
 from torchtitan_hyena.convert.cli import dcp_to_llama_main
 from torchtitan_hyena.convert.llama import dcp_to_llama, llama_to_dcp, read_llama_checkpoint
 from torchtitan_hyena.errors import UserError
-from torchtitan_hyena.score import load_model, score_sequences
+from torchtitan_hyena.score import score_sequences
 from torchtitan_hyena.tools.logging import logger
 
 transformers = pytest.importorskip("transformers")

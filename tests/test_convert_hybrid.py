@@ -13,17 +13,18 @@ from tests.conftest import TINY as TRAIN_TINY
 from tests.helpers.llama_ckpt import TINY, hf_logprobs, save_meta, tiny_hf_model
 from torchtitan_hyena.components.checkpoint import load_model_weights
 from torchtitan_hyena.config.manager import ConfigManager
-from torchtitan_hyena.convert import evo2, hybrid
 from torchtitan_hyena.convert.cli import llama_to_dcp_main
 from torchtitan_hyena.convert.llama import llama_to_dcp, read_llama_checkpoint
-from torchtitan_hyena.convert.llama_config import meta_params_from_args
 from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.models.common.rope import rope_inv_freq, rope_tables
+from torchtitan_hyena.models.hyena import from_llama as hybrid
 from torchtitan_hyena.models.hyena import hyena_flavors
 from torchtitan_hyena.models.hyena.args import HyenaArgs
 from torchtitan_hyena.models.hyena.model import StripedHyena
+from torchtitan_hyena.models.hyena.state_dict_adapter import VortexAdapter
 from torchtitan_hyena.models.llama3.args import Llama3Args
 from torchtitan_hyena.models.llama3.model import Transformer
+from torchtitan_hyena.models.llama3.state_dict_adapter import MetaAdapter
 from torchtitan_hyena.protocols.model import read_model_args
 from torchtitan_hyena.protocols.train_spec import get_flavor_args, get_train_spec
 
@@ -160,9 +161,8 @@ def test_printed_train_flags_make_the_trainer_build_the_hybrid(llama, layout, ke
     """The flags logged after conversion, on the flavor's TOML defaults, give the converted model's args."""
     args, flavor = hybrid.hybrid_args(llama, layout, keep_embeddings=keep)
     config = ConfigManager().parse_args(hybrid.train_flags(args, flavor))
-    built = get_flavor_args(get_train_spec("hyena"), flavor)
-    built.update_from_config(config)
-    runtime = {"max_seq_len", "norm_eps"} | (set() if keep else {"vocab_size"})  # run's own; eps: see hybrid.py
+    built = get_flavor_args(get_train_spec("hyena"), flavor).with_config(config)
+    runtime = {"max_seq_len", "norm_eps"} | (set() if keep else {"vocab_size"})  # run's own; eps: see from_llama.py
     assert {k: v for k, v in built.to_dict().items() if k not in runtime} == {
         k: v for k, v in args.to_dict().items() if k not in runtime
     }
@@ -187,7 +187,7 @@ def test_silu_mlps_and_llama3_rope_scaling_from_the_job_config():
     c = ConfigManager().parse_args(["--model.name", "hyena", "--model.mlp_activation", "silu",
                                     "--model.rope_scaling", "llama3", "--model.rope_scaling_factor", "16"])  # fmt: skip
     args = HyenaArgs(dim=32, layout="SDH*", n_heads=2, ffn_hidden_dim=48, filter_groups=4, vocab_size=64)
-    args.update_from_config(c)
+    args = args.with_config(c)
     assert (args.mlp_activation, args.rope_scaling, args.rope_scaling_factor) == ("silu", "llama3", 16.0)
     model = StripedHyena(args)
     assert [b.mlp.activation for b in model.layers.values()] == ["silu"] * 4
@@ -196,7 +196,7 @@ def test_silu_mlps_and_llama3_rope_scaling_from_the_job_config():
     assert torch.equal(model.rope_inv_freq, llama.rope_inv_freq)
     for change in ({"mlp_activation": "silu", "rope_scaling": "none"}, {"mlp_activation": "evo2"}):
         with pytest.raises(UserError, match="vortex has no"):
-            evo2.vortex_config_from_args(HyenaArgs.from_dict({**args.to_dict(), **change}))
+            VortexAdapter(HyenaArgs.from_dict({**args.to_dict(), **change})).config()
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -206,7 +206,7 @@ def save_meta_llama(args: Llama3Args, folder, seed: int = 0):
     model.init_weights(seed=seed)
     folder.mkdir()
     torch.save(model.state_dict(), folder / "consolidated.00.pth")
-    (folder / "params.json").write_text(json.dumps(meta_params_from_args(args)))
+    (folder / "params.json").write_text(json.dumps(MetaAdapter(args).config()))
 
 
 @pytest.mark.slow

@@ -20,16 +20,10 @@ from tests.conftest import REPO, env
 from tests.helpers.llama_ckpt import TINY, hf_logprobs, read_dcp, save_meta, tiny_hf_model
 from torchtitan_hyena.convert import llama as conv
 from torchtitan_hyena.convert.cli import llama_to_dcp_main
-from torchtitan_hyena.convert.llama_config import (
-    args_from_hf_config,
-    args_from_meta_params,
-    ffn_args,
-    flavor_of,
-    hf_config_from_args,
-)
 from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.models.llama3 import llama3_flavors
 from torchtitan_hyena.models.llama3.args import Llama3Args
+from torchtitan_hyena.models.llama3.state_dict_adapter import HFAdapter, MetaAdapter, ffn_args, flavor_of, permute_qk
 
 pytest.importorskip("transformers")
 
@@ -64,12 +58,12 @@ def tiny(tmp_path_factory):
 def test_permute_qk_is_rotate_half_and_inverts():
     heads, hd, cols = 3, 8, 5
     meta = torch.randn(heads * hd, cols)
-    hf = conv.permute_qk(meta, heads, to_hf=True)
+    hf = permute_qk(meta, heads, to_hf=True)
     for h in range(heads):
         for j in range(hd // 2):
             assert torch.equal(hf[h * hd + j], meta[h * hd + 2 * j])  # HF first half = Meta even rows
             assert torch.equal(hf[h * hd + hd // 2 + j], meta[h * hd + 2 * j + 1])
-    assert torch.equal(conv.permute_qk(hf, heads, to_hf=False), meta)
+    assert torch.equal(permute_qk(hf, heads, to_hf=False), meta)
 
 
 @pytest.mark.parametrize(
@@ -89,7 +83,7 @@ def test_ffn_args_exact_for_any_width(dim, hidden):
 def test_llama31_8b_configs_map_to_our_8b_flavor_and_the_lang_primate_rope():
     toml = tomllib.loads((REPO / "train_configs" / "lang_primate_8B_131k.toml").read_text())
     flavor = llama3_flavors["8B"]
-    for args in (args_from_meta_params(LLAMA31_8B_PARAMS), args_from_hf_config(LLAMA31_8B_CONFIG)):
+    for args in (MetaAdapter.args_from_config(LLAMA31_8B_PARAMS), HFAdapter.args_from_config(LLAMA31_8B_CONFIG)):
         assert flavor_of(args) == "8B"
         assert args.ffn_hidden_dim == flavor.ffn_hidden_dim == 14336
         assert (args.rope_theta, args.norm_eps, args.vocab_size) == (500000.0, 1e-5, 128256)
@@ -101,16 +95,16 @@ def test_llama31_8b_configs_map_to_our_8b_flavor_and_the_lang_primate_rope():
     rodent = tomllib.loads((REPO / "train_configs" / "rodent_primate_8B_131k.toml").read_text())
     assert rodent["checkpoint"]["initial_load_path"].endswith("/checkpoint/step-20790")
     assert rodent["checkpoint"]["initial_load_model_only"] is True
-    args = args_from_hf_config(LLAMA31_8B_CONFIG)
-    assert args_from_hf_config(hf_config_from_args(args, torch.bfloat16)).to_dict() == args.to_dict()
+    args = HFAdapter.args_from_config(LLAMA31_8B_CONFIG)
+    assert HFAdapter.args_from_config(HFAdapter(args).config(torch.bfloat16)).to_dict() == args.to_dict()
 
 
 def test_neural_pile_8b_131k_exports_to_an_equivalent_hf_config():
     args = Llama3Args(**{**llama3_flavors["8B"].to_dict(), "vocab_size": 256, "max_seq_len": 131072})
     args.rope_scaling = "llama3"  # lang-primate keeps Llama-3.1's RoPE
-    config = hf_config_from_args(args, torch.bfloat16)
+    config = HFAdapter(args).config(torch.bfloat16)
     assert [config[k] for k in ("vocab_size", "max_position_embeddings", "intermediate_size")] == [256, 131072, 14336]
-    back = args_from_hf_config(config)
+    back = HFAdapter.args_from_config(config)
     assert flavor_of(back) == "8B" and back.ffn_hidden_dim == args.ffn_hidden_dim
     for field in (
         "dim",
@@ -143,7 +137,7 @@ def test_neural_pile_8b_131k_exports_to_an_equivalent_hf_config():
 )
 def test_unsupported_hf_configs_are_rejected(change, message):
     with pytest.raises(UserError, match=message):
-        args_from_hf_config({**LLAMA31_8B_CONFIG, **change})
+        HFAdapter.args_from_config({**LLAMA31_8B_CONFIG, **change})
 
 
 # ------------------------------------------------------------------------------------------------ conversions

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from torchtitan_hyena.components.dataloader import build_dataloader
+from torchtitan_hyena.components.dataloader import build_dataloader, build_tokenizer
 from torchtitan_hyena.components.datasets.base import IGNORE_INDEX
 from torchtitan_hyena.components.datasets.dna import iter_fasta, iter_jsonl, load_dna_source, split_file
 from torchtitan_hyena.components.datasets.dna_targets import ByteTargets, LossShaping, control_tag_mask
-from torchtitan_hyena.components.tokenizers import ByteTokenizer, build_tokenizer
+from torchtitan_hyena.components.tokenizers import ByteTokenizer
 from torchtitan_hyena.config import ConfigManager
 from torchtitan_hyena.errors import ConfigError, UserError
 
@@ -201,8 +201,7 @@ def test_loss_shaping_reaches_the_loader_and_keeps_layout_invariance():
 
 def test_loss_shaping_config_checks():
     with pytest.raises(ConfigError, match="lowercase_loss_reweighting must be in"):
-        LossShaping.from_config(SimpleNamespace(to_upper="weighted", lowercase_loss_reweighting=2.0,
-                                                mask_loss_control_tags=True, eod_loss_mask="none"))  # fmt: skip
+        ConfigManager().parse_args(["--training.lowercase_loss_reweighting", "2"])
     with pytest.raises(ConfigError, match="training.to_upper must be one of"):
         ConfigManager().parse_args(["--training.to_upper", "lower"])
 

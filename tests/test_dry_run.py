@@ -10,17 +10,11 @@ from tests.conftest import REPO, env, run_cli
 from torchtitan_hyena.config import ConfigManager, JobConfig
 from torchtitan_hyena.distributed.activation_checkpoint import apply_ac
 from torchtitan_hyena.errors import ConfigError
+from torchtitan_hyena.models.llama3.activations import llama3_activations
 from torchtitan_hyena.models.llama3.args import Llama3Args
 from torchtitan_hyena.models.llama3.model import Transformer
-from torchtitan_hyena.tools.dry_run import (
-    GIB,
-    ActivationInputs,
-    DryRunFlags,
-    dry_run,
-    llama3_activations,
-    run,
-    split_flags,
-)
+from torchtitan_hyena.tools.activation_memory import ActivationInputs
+from torchtitan_hyena.tools.dry_run import GIB, DryRunFlags, dry_run, run, split_flags
 from torchtitan_hyena.tools.world_size import required_world_size
 
 NEURAL_PILE = ["rodent_8B_131k", "primate_8B_131k", "rodent_primate_8B_131k", "lang_primate_8B_131k"]

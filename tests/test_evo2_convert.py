@@ -18,6 +18,7 @@ import yaml
 from tests.conftest import REPO, env, run_cli
 from torchtitan_hyena.convert import evo2
 from torchtitan_hyena.errors import UserError
+from torchtitan_hyena.models.hyena.state_dict_adapter import VortexAdapter
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -171,7 +172,7 @@ def test_round_trip_scores_match_reference_and_export_is_identical(vortex, tmp_p
     assert set(exported) == set(state) - dropped
     for key, tensor in exported.items():
         assert tensor.dtype == state[key].dtype and torch.equal(tensor, state[key]), key
-    again = evo2.args_from_vortex_config(yaml.safe_load((tmp_path / "b.yml").read_text()), "b.yml")
+    again = VortexAdapter.args_from_config(yaml.safe_load((tmp_path / "b.yml").read_text()), "b.yml")
     assert again == evo2.load_config(str(cfg))[0]
 
 
@@ -278,7 +279,7 @@ def test_rope_base_comes_from_the_checkpoint_inv_freq(vortex, tmp_path):
     pt, _, state = vortex
     (tmp_path / "c.yml").write_text(yaml.safe_dump(dict(CONFIG, rotary_emb_base=1e11)))
     args, _ = evo2.load_config(str(tmp_path / "c.yml"))
-    evo2.vortex_to_model(state, args, "test")
+    VortexAdapter(args).from_external(state, "test")
     assert args.rope_theta == 10000
 
 

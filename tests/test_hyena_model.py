@@ -223,12 +223,12 @@ def test_config_overrides_and_validation():
                                     "--training.seq_len", "4096", "--model.hidden_dropout", "0.1",
                                     "--model.rope_pi_factor", "8", "--model.rope_theta", "1e6"])  # fmt: skip
     args = copy.deepcopy(hyena_flavors["debugmodel"])
-    args.update_from_config(c)
+    args = args.with_config(c)
     assert (args.layout, args.n_layers, args.mlp_activation, args.max_seq_len) == ("S*", 2, "gelu", 4096)
     assert (args.rope_pi_factor, args.rope_theta, args.hidden_dropout) == (8.0, 1e6, 0.1)
     c = ConfigManager().parse_args(["--model.hidden_dropout", "1.5"])
     with pytest.raises(ConfigError, match="hidden_dropout"):
-        args.update_from_config(c)
+        args.with_config(c)
 
 
 def test_tensor_parallel_divisibility_errors():
@@ -267,14 +267,16 @@ def test_activation_checkpointing_and_compile_match_eager():
 def test_dry_run_has_a_hyena_activation_model():
     import dataclasses
 
-    from torchtitan_hyena.tools.dry_run import _ESTIMATORS, ActivationInputs
+    from torchtitan_hyena.protocols.train_spec import get_train_spec
+    from torchtitan_hyena.tools.activation_memory import ActivationInputs
 
+    estimate = get_train_spec("hyena").activation_estimator
     args = hyena_flavors["neural_pile_hybrid_8b"]
     s = ActivationInputs(microbatch=1, seq_len=4096, tp=1, cp=1, act_bytes=2, ac_mode="none", ac_option="1",
                          loss_parallel=False)  # fmt: skip
-    none = _ESTIMATORS["hyena"](args, s)
-    full = _ESTIMATORS["hyena"](args, dataclasses.replace(s, ac_mode="full"))
-    tp8 = _ESTIMATORS["hyena"](args, dataclasses.replace(s, ac_mode="full", tp=8))
+    none = estimate(args, s)
+    full = estimate(args, dataclasses.replace(s, ac_mode="full"))
+    tp8 = estimate(args, dataclasses.replace(s, ac_mode="full", tp=8))
     assert full.saved < none.saved / 10 and full.peak < none.peak
     assert tp8.peak < full.peak  # sequence parallel shards the saved block inputs
     block_inputs = 32 * 2 * 4096 * 4096  # full AC keeps each block's bf16 input

@@ -14,6 +14,7 @@ from tests.conftest import REPO, TINY, assert_losses_close, env, run_cli, torchr
 from torchtitan_hyena.convert import evo2
 from torchtitan_hyena.models.hyena import hyena_flavors
 from torchtitan_hyena.models.hyena.model import StripedHyena
+from torchtitan_hyena.models.hyena.state_dict_adapter import VortexAdapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 
@@ -39,7 +40,7 @@ def converted_debug_checkpoint(tmp_path, seed: int):
     args = hyena_flavors["debugmodel"]
     model = StripedHyena(args)
     model.init_weights(seed=seed)
-    torch.save(evo2.model_to_vortex(model.state_dict(), args, torch.float32), tmp_path / "debug.pt")
+    torch.save(VortexAdapter(args).to_external(model.state_dict(), torch.float32), tmp_path / "debug.pt")
     return evo2.convert_evo2_to_dcp(tmp_path / "debug.pt", "debugmodel", tmp_path / "converted")
 
 
@@ -99,6 +100,7 @@ from torchtitan_hyena.distributed.utils import init_distributed
 from torchtitan_hyena.models.common.precision import fp32_modules
 from torchtitan_hyena.models.hyena.args import HyenaArgs
 from torchtitan_hyena.models.hyena.model import StripedHyena
+from torchtitan_hyena.models.hyena.state_dict_adapter import VortexAdapter
 
 init_distributed(60)
 args = HyenaArgs(dim=32, layout="SDH*", n_heads=2, ffn_hidden_dim=48, filter_groups=4, vocab_size=64)

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from torchtitan_hyena.models.common.init import clean_fqn, param_seed
+from torchtitan_hyena.distributed.utils import clean_fqn
+from torchtitan_hyena.models.common.init import param_seed
 from torchtitan_hyena.models.common.rope import apply_rope_half, apply_rope_interleaved, rope_inv_freq, rope_tables
 from torchtitan_hyena.models.llama3 import llama3_flavors
 from torchtitan_hyena.models.llama3.args import Llama3Args
@@ -96,5 +97,5 @@ def test_flavor_vocab_follows_config():
     import copy
 
     a = copy.deepcopy(args)
-    a.update_from_config(c)
+    a = a.with_config(c)
     assert (a.vocab_size, a.max_seq_len) == (256, 131072)

@@ -8,7 +8,7 @@ from tests.conftest import TINY, run_cli
 from torchtitan_hyena.config import ConfigManager
 from torchtitan_hyena.distributed.float8 import Accelerator, validate_float8
 from torchtitan_hyena.distributed.parallel_dims import ParallelDims
-from torchtitan_hyena.distributed.parallelize_common import validate_parallelism
+from torchtitan_hyena.distributed.parallelize import validate_parallelism
 from torchtitan_hyena.errors import ConfigError
 from torchtitan_hyena.models.llama3 import llama3_flavors
 from torchtitan_hyena.models.llama3.args import Llama3Args

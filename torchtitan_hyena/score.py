@@ -26,34 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from torchtitan_hyena.build import load_model
+from torchtitan_hyena.dtypes import DTYPES
 from torchtitan_hyena.errors import UserError, run_cli
-from torchtitan_hyena.protocols.model import read_model_args
-from torchtitan_hyena.protocols.train_spec import get_train_spec
 
 # Scoring is single-process on purpose; DCP's note about it is noise here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def load_model(checkpoint: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild the model recorded in ``checkpoint/model_args.json`` and load its weights."""
-    from torchtitan_hyena.components.checkpoint import PARTIAL_SEED_FIX, load_model_weights
-    from torchtitan_hyena.models.common.precision import cast_model_
-
-    path = Path(checkpoint)
-    name, _, values = read_model_args(path)
-    spec = get_train_spec(name)
-    args_cls = type(next(iter(spec.model_args.values())))
-    args = args_cls.from_dict(values)
-    with torch.device("meta"):
-        model = spec.model_cls(args)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        model.init_weights(buffer_device=device)
-    load_model_weights([model], path, fix=PARTIAL_SEED_FIX)
-    cast_model_(model, dtype)  # modules marked keep_fp32_params (Hyena-LI filters) stay fp32
-    return model.eval()
 
 
 def read_token_lines(path: str | Path) -> list[list[int]]:

@@ -1,13 +1,12 @@
 """The trainer: ``python -m torchtitan_hyena.train --job.config_file X.toml [--section.key value ...]``.
 
-Readable top to bottom: build (validate -> mesh -> data -> meta model -> parallelize -> init ->
-optimizer -> checkpoint), then loop (fetch microbatches -> forward/backward -> clip -> step ->
-log -> checkpoint -> validate).
+Readable top to bottom: set up (``build.py``: validate -> mesh -> context parallelism), data, model (``build.py``:
+meta -> float8 -> parallelize -> init), optimizer, checkpoint; then loop (fetch microbatches -> forward/backward ->
+clip -> step -> log -> checkpoint -> validate).
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import sys
 from pathlib import Path
@@ -16,69 +15,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from torchtitan_hyena import build
 from torchtitan_hyena.components.checkpoint import CheckpointManager
 from torchtitan_hyena.components.dataloader import batch_to_device
 from torchtitan_hyena.components.datasets.base import IGNORE_INDEX
-from torchtitan_hyena.components.datasets.dna_targets import LossShaping
 from torchtitan_hyena.components.metrics import MetricsProcessor
 from torchtitan_hyena.components.resilience import EXIT_PREEMPTED, NonFiniteGuard, StopSignals
 from torchtitan_hyena.components.validate import Validator
 from torchtitan_hyena.config import ConfigManager, JobConfig, config_table
 from torchtitan_hyena.config.manager import to_dict
-from torchtitan_hyena.distributed.context_parallel import build_context_parallel
-from torchtitan_hyena.distributed.float8 import (
-    Accelerator,
-    convert_to_float8,
-    describe_accelerator,
-    precompute_float8_scales,
-    validate_float8,
-)
-from torchtitan_hyena.distributed.fsdp import DTYPES
-from torchtitan_hyena.distributed.parallel_dims import ParallelDims
-from torchtitan_hyena.distributed.parallelize_common import validate_parallelism
-from torchtitan_hyena.distributed.tensor_parallel import maybe_loss_parallel
-from torchtitan_hyena.distributed.utils import (
-    clip_grad_norm_,
-    dist_sum,
-    init_distributed,
-    local_device,
-    set_determinism,
-    set_pg_timeout,
-)
-from torchtitan_hyena.errors import ConfigError, run_cli
-from torchtitan_hyena.protocols.train_spec import get_flavor_args, get_train_spec
+from torchtitan_hyena.distributed.float8 import precompute_float8_scales
+from torchtitan_hyena.distributed.utils import clip_grad_norm_, dist_sum, set_determinism, set_pg_timeout
+from torchtitan_hyena.errors import run_cli
 from torchtitan_hyena.tools import dry_run
 from torchtitan_hyena.tools.flops import get_peak_flops
 from torchtitan_hyena.tools.logging import init_logger, logger
 from torchtitan_hyena.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
-
-
-def validate_layout(job_config: JobConfig, parallel_dims: ParallelDims, accelerator: Accelerator) -> None:
-    """Checks that need the parallel degrees and the device, run before any data or model is built
-    (the dry run calls this with the target device instead of the local one)."""
-    t = job_config.training
-    if t.global_batch_size > 0 and t.global_batch_size % (t.local_batch_size * parallel_dims.dp_degree):
-        raise ConfigError(
-            f"training.global_batch_size {t.global_batch_size} must be a multiple of local_batch_size "
-            f"{t.local_batch_size} x data-parallel degree {parallel_dims.dp_degree}"
-        )
-    tp, cp = parallel_dims.tp, parallel_dims.cp
-    split = tp * 2 * cp if cp > 1 else tp
-    if t.seq_len % split:
-        raise ConfigError(
-            f"training.seq_len {t.seq_len} must be divisible by {split} "
-            f"(tensor_parallel_degree {tp} x 2 x context_parallel_degree {cp} when CP is on)"
-        )
-    validate_parallelism(job_config, parallel_dims)
-    validate_float8(job_config.float8, parallel_dims, accelerator)
-
-
-def convert_model(model: torch.nn.Module, job_config: JobConfig, parallel_dims: ParallelDims) -> None:
-    """Module swaps that must happen on the meta model before parallelization (float8)."""
-    f8 = job_config.float8
-    if f8.enable:
-        compiled = job_config.compile.enable and "model" in job_config.compile.components
-        convert_to_float8(model, f8, tp_degree=parallel_dims.tp, compiled=compiled)
 
 
 class TrainState:
@@ -100,99 +52,33 @@ class Trainer:
     def __init__(self, job_config: JobConfig) -> None:
         self.job_config = c = job_config
         init_logger()
-        init_distributed(c.comm.init_timeout_seconds, c.comm.trace_buf_size)
+        self.setup = build.setup(c)  # validation, process group, mesh, context parallelism
         self.rank = dist.get_rank()
-        world_size = dist.get_world_size()
-        p = c.parallelism
-        self.parallel_dims = pd = ParallelDims(
-            dp_replicate=p.data_parallel_replicate_degree,
-            dp_shard=p.data_parallel_shard_degree,
-            cp=p.context_parallel_degree,
-            tp=p.tensor_parallel_degree,
-            world_size=world_size,
-        )
-        self.device = local_device()
-        self._validate_against_layout()
         if self.rank == 0 and c.job.print_config:
             logger.info("resolved config:\n" + config_table(c))
-        pd.build_mesh(self.device.type)
-        self.cp = build_context_parallel(pd, c)
         set_determinism(c.training.seed, c.training.deterministic)
+        s, t = self.setup, c.training
+        self.device, self.cp, self.dp_rank = s.device, s.cp, s.parallel_dims.dp_rank()
 
-        # Model spec, tokenizer, data: everything that can reject user input comes before the model.
-        self.train_spec = spec = get_train_spec(c.model.name)
-        self.model_args = get_flavor_args(spec, c.model.flavor)
-        self.model_args.update_from_config(c)
-        if spec.validate_fn is not None:
-            spec.validate_fn(self.model_args, pd, c)
-        tokenizer = spec.build_tokenizer_fn(c)
-        if tokenizer is not None and tokenizer.vocab_size > self.model_args.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size {self.model_args.vocab_size} is smaller than the {c.training.dataset} "
-                f"vocabulary ({tokenizer.vocab_size}); set model.vocab_size >= {tokenizer.vocab_size}"
-            )
-        self.dp_degree, self.dp_rank = pd.dp_degree, pd.dp_rank()
-        t = c.training
-        self.global_batch = t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * self.dp_degree
-        data_kwargs = dict(
-            dataset=t.dataset,
-            path=t.dataset_path,
-            tokenizer=tokenizer,
-            vocab_size=self.model_args.vocab_size,
-            seq_len=t.seq_len,
-            dp_rank=self.dp_rank,
-            dp_degree=self.dp_degree,
-            seed=t.seed,
-            loss_shaping=LossShaping.from_config(t),
-        )
-        self.dataloader = spec.build_dataloader_fn(
-            split=t.dataset_split,
-            local_batch=t.local_batch_size,
-            global_batch=self.global_batch,
-            shuffle=t.shuffle,
-            infinite=True,
-            **data_kwargs,
-        )
+        # Data: everything that can reject user input comes before the model.
+        tokenizer = build.build_tokenizer(s)
+        self.dataloader = build.build_dataloader(s, tokenizer)
         self.validator = None
         if c.validation.enable:
-            v_local = c.validation.local_batch_size if c.validation.local_batch_size > 0 else t.local_batch_size
-            val_loader = spec.build_dataloader_fn(
-                split=c.validation.dataset_split,
-                local_batch=v_local,
-                global_batch=v_local * self.dp_degree,
-                shuffle=False,
-                infinite=False,
-                **data_kwargs,
-            )
             self.validator = Validator(
-                val_loader,
-                spec.build_loss_fn(c),
+                build.build_dataloader(s, tokenizer, validation=True),
+                s.spec.build_loss_fn(c),
                 c.validation.steps,
                 self.device,
-                self._loss_group(),
-                prepare_batch=self.prepare_batch,
+                s.loss_group(),
+                prepare_batch=s.prepare_batch,
             )
 
-        # Model: built on meta, converted, parallelized, then materialized and initialized.
-        with torch.device("meta"):
-            model = spec.model_cls(self.model_args)
-        self._convert_model(model)
-        self.nparams, self.flops_per_token = self.model_args.get_nparams_and_flops(model, t.seq_len)
-        logger.info(
-            f"{c.model.name} {c.model.flavor}: {self.nparams:,} parameters, "
-            f"{self.flops_per_token:.3e} training FLOPs per token"
-        )
-        model = spec.parallelize_fn(model, pd, c)
-        init_device = torch.device("cpu") if t.enable_cpu_offload else self.device
-        model.to_empty(device=init_device)
-        with torch.no_grad():
-            model.init_weights(buffer_device=self.device if t.enable_cpu_offload else None, seed=t.seed)
-        model.train()
+        model, self.nparams, self.flops_per_token = build.build_model(s)
         self.model_parts = [model]
-
-        self.optimizers = spec.build_optimizers_fn(self.model_parts, c.optimizer)
-        self.lr_schedulers = spec.build_lr_schedulers_fn(self.optimizers, c.lr_scheduler, t.steps)
-        self.loss_fn = spec.build_loss_fn(c)
+        self.optimizers = s.spec.build_optimizers_fn(self.model_parts, c.optimizer)
+        self.lr_schedulers = s.spec.build_lr_schedulers_fn(self.optimizers, c.lr_scheduler, t.steps)
+        self.loss_fn = s.spec.build_loss_fn(c)
         self.state = TrainState()
         self.dump_folder = Path(c.job.dump_folder)
         self.checkpointer = CheckpointManager(
@@ -203,7 +89,7 @@ class Trainer:
             lr_schedulers=self.lr_schedulers,
             dataloader=self.dataloader,
             train_state=self.state,
-            model_info=(c.model.name, c.model.flavor, self.model_args),
+            model_info=(c.model.name, c.model.flavor, s.model_args),
             job_config_dict=to_dict(c),
         )
         self.nonfinite = NonFiniteGuard(t.on_nonfinite_loss, t.max_nonfinite_skips, self.checkpointer)
@@ -219,41 +105,14 @@ class Trainer:
             is_writer=self.rank == 0,
             flops_per_token=self.flops_per_token,
             peak_flops=get_peak_flops(self.device),
-            world_size=world_size,
+            world_size=dist.get_world_size(),
             device=self.device,
             total_steps=t.steps,
         )
 
-    # ------------------------------------------------------------------ set-up helpers
-    def _validate_against_layout(self) -> None:
-        validate_layout(self.job_config, self.parallel_dims, describe_accelerator(self.device))
-
-    def _convert_model(self, model: torch.nn.Module) -> None:
-        convert_model(model, self.job_config, self.parallel_dims)
-
-    def _amp(self) -> contextlib.AbstractContextManager:
-        """Autocast to the mixed-precision dtype when no FSDP wrapper does the casting (one rank, TP only)."""
-        dtype = self.job_config.training.mixed_precision_param
-        if self.parallel_dims.fsdp_mesh() is not None or dtype == "float32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=DTYPES[dtype])
-
-    def _loss_parallel(self) -> contextlib.AbstractContextManager:
-        """Loss parallel (vocab-sharded logits) around forward, loss and backward when enabled (TP only)."""
-        return maybe_loss_parallel(self.job_config.parallelism.enable_loss_parallel)
-
-    def _loss_group(self) -> dist.ProcessGroup | None:
-        mesh = self.parallel_dims.get_mesh("dp_cp")
-        return None if mesh is None else mesh.get_group()
-
     # ------------------------------------------------------------------ the loop
-    def prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Under context parallelism, this rank's tokens of the batch and their global ``positions``."""
-        return batch if self.cp is None else self.cp.shard_batch(batch)
-
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with self._amp():
-            return model(batch["input"], batch.get("positions"))
+        return self.setup.forward(model, batch)
 
     def train_step(self, microbatches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimizer step over this rank's microbatches. Returns (global loss, grad norm, tokens).
@@ -262,19 +121,19 @@ class Trainer:
         gradient is the same however the batch is split over ranks and accumulation steps.
         """
         self.optimizers.zero_grad()
-        microbatches = [self.prepare_batch(mb) for mb in microbatches]
+        microbatches = [self.setup.prepare_batch(mb) for mb in microbatches]
         local_tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in microbatches)
-        global_tokens = dist_sum(local_tokens.to(torch.float64), self._loss_group())
+        global_tokens = dist_sum(local_tokens.to(torch.float64), self.setup.loss_group())
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         model = self.model_parts[0]
         for mb in microbatches:
-            with self._loss_parallel():
+            with self.setup.loss_parallel():
                 logits = self.forward(model, mb)
                 loss = self.loss_fn(logits, mb["labels"], mb.get("loss_weights")) / global_tokens.to(torch.float32)
                 del logits
                 loss.backward()
             loss_sum += loss.detach().to(torch.float64)
-        loss = dist_sum(loss_sum, self._loss_group())
+        loss = dist_sum(loss_sum, self.setup.loss_group())
         params = [p for m in self.model_parts for p in m.parameters()]
         grad_norm = clip_grad_norm_(params, self.job_config.training.max_norm)
         self.last_lr = self.lr_schedulers.get_last_lr()
@@ -304,8 +163,8 @@ class Trainer:
         self.metrics.reset_timer(self.state.ntokens_seen)
         logger.info(
             f"training {c.model.name}/{c.model.flavor} from step {self.state.step} to {c.training.steps}: "
-            f"global batch {self.global_batch} x {c.training.seq_len} tokens, {accumulation} accumulation step(s), "
-            f"{self.dp_degree} data-parallel rank(s)"
+            f"global batch {self.setup.global_batch} x {c.training.seq_len} tokens, {accumulation} accumulation "
+            f"step(s), {self.setup.parallel_dims.dp_degree} data-parallel rank(s)"
         )
         with (
             maybe_enable_profiling(c.profiling, self.dump_folder, self.state.step) as profiler,
@@ -334,7 +193,7 @@ class Trainer:
                     self._stop_for_signal(step)
                     break
                 if self.validator is not None and (step % c.validation.freq == 0 or step == c.training.steps):
-                    with self._loss_parallel():
+                    with self.setup.loss_parallel():
                         val_loss, val_tokens = self.validator.validate(self.model_parts[0], self.forward)
                     self.metrics.log_validation(step, val_loss, val_tokens)
                 if profiler is not None:

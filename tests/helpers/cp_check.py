@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from torchtitan_hyena.distributed.context_parallel.attention import AllGatherAttention, RingAttention
 from torchtitan_hyena.distributed.context_parallel.collectives import halo_exchange, track_communication
-from torchtitan_hyena.distributed.context_parallel.hyena import (
+from torchtitan_hyena.distributed.context_parallel.convolution import (
     channels_to_sequence,
     fir_with_halo,
     sequence_to_channels,

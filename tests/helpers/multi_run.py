@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from torchtitan_hyena.config import ConfigManager
-from torchtitan_hyena.models.common.init import clean_fqn
+from torchtitan_hyena.distributed.utils import clean_fqn
 from torchtitan_hyena.train import Trainer
 
 

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
+from torchtitan_hyena.dtypes import DTYPES
 from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.protocols.model import write_model_args
 from torchtitan_hyena.tools.logging import logger
@@ -266,9 +267,7 @@ class CheckpointManager:
         model_only = last_step and self.config.last_save_model_only
         state: dict[str, Any] = model_state_dict(self.model_parts)
         if model_only:
-            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-                self.config.export_dtype
-            ]
+            dtype = DTYPES[self.config.export_dtype]
             state = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in state.items()}
         else:
             state.update({n: s.state_dict() for n, s in self.stateful.items()})

@@ -1,4 +1,5 @@
-"""Data loading: a layout-invariant batch sampler under torchdata's StatefulDataLoader.
+"""Data loading: datasets and their tokenizers, and a layout-invariant batch sampler under torchdata's
+StatefulDataLoader.
 
 Global batch ``k`` always holds windows ``[start + k*G, start + (k+1)*G)`` (``G`` = global batch
 size in sequences); data-parallel rank ``r`` of ``dp`` takes the ``r``-th contiguous slice and
@@ -19,19 +20,30 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from torchtitan_hyena.components.datasets.base import TokenSource, WindowDataset
 from torchtitan_hyena.components.datasets.dna_targets import ByteTargets, LossShaping
-from torchtitan_hyena.components.tokenizers import ByteTokenizer
+from torchtitan_hyena.components.tokenizers import ByteTokenizer, SpikeTokenizer
 from torchtitan_hyena.errors import UserError
 
 # torchdata calls a torch API that torch itself has deprecated; the warning is not actionable here.
 warnings.filterwarnings("ignore", message=".*set_vital.*")
 
 SourceBuilder = Callable[..., TokenSource]
+TokenizerBuilder = Callable[[Any], Any]
 _SOURCES: dict[str, SourceBuilder] = {}
+_TOKENIZERS: dict[str, TokenizerBuilder] = {}
 
 
-def register_dataset(name: str, builder: SourceBuilder) -> None:
-    """``builder(path=, split=, tokenizer=, seed=, shuffle=, vocab_size=) -> TokenSource``."""
+def register_dataset(name: str, builder: SourceBuilder, tokenizer: TokenizerBuilder | None = None) -> None:
+    """``builder(path=, split=, tokenizer=, seed=, shuffle=, vocab_size=) -> TokenSource``; ``tokenizer(job_config)``
+    returns the dataset's tokenizer (an object with ``vocab_size``), or None when its tokens need none."""
     _SOURCES[name] = builder
+    _TOKENIZERS[name] = tokenizer or (lambda job_config: None)
+
+
+def build_tokenizer(job_config: Any) -> Any:
+    """The tokenizer of ``training.dataset``: the data decide what a token id means (None: mock data)."""
+    _register_builtin()
+    builder = _TOKENIZERS.get(job_config.training.dataset)
+    return None if builder is None else builder(job_config)
 
 
 def build_source(name: str, **kwargs: Any) -> TokenSource:
@@ -46,7 +58,7 @@ def _register_builtin() -> None:
         return
     from torchtitan_hyena.components.datasets.dna import load_dna_source
     from torchtitan_hyena.components.datasets.hf import load_hf_split
-    from torchtitan_hyena.components.datasets.memmap import load_memmap_source
+    from torchtitan_hyena.components.datasets.memmap import load_memmap_source, tokenizer_of
     from torchtitan_hyena.components.datasets.mock import MockSource
     from torchtitan_hyena.components.datasets.neural_pile import NeuralPileSource
 
@@ -55,14 +67,20 @@ def _register_builtin() -> None:
         lambda path, split, tokenizer, seed, shuffle, vocab_size: NeuralPileSource(
             load_hf_split(path, split), tokenizer, shuffle, seed, f"{path}:{split}"
         ),
+        tokenizer=lambda job_config: SpikeTokenizer(256),
     )
     register_dataset("mock", lambda path, split, tokenizer, seed, shuffle, vocab_size: MockSource(vocab_size, seed))
+    tokenizers = {
+        "dna": lambda job_config: ByteTokenizer(512),
+        "memmap": lambda job_config: tokenizer_of(job_config.training.dataset_path, job_config.training.dataset_split),
+    }
     for name, load in (("dna", load_dna_source), ("memmap", load_memmap_source)):
         register_dataset(
             name,
             lambda path, split, tokenizer, seed, shuffle, vocab_size, load=load: load(
                 path, split, tokenizer, seed, shuffle
             ),
+            tokenizer=tokenizers[name],
         )
 
 
@@ -174,6 +192,40 @@ def build_dataloader(
         global_batch, local_batch, dp_rank, dp_degree, num_windows=None if infinite else len(windows)
     )
     return ParallelAwareDataloader(windows, sampler, collate_fn=None if targets is None else targets.collate)
+
+
+def build_dataloader_from_config(
+    job_config: Any,
+    *,
+    split: str,
+    tokenizer: Any,
+    vocab_size: int,
+    local_batch: int,
+    global_batch: int,
+    dp_rank: int,
+    dp_degree: int,
+    shuffle: bool,
+    infinite: bool,
+) -> ParallelAwareDataloader:
+    """:func:`build_dataloader` for ``training.dataset`` with the job's sequence length, seed and loss shaping
+    (``TrainSpec.build_dataloader_fn``'s default)."""
+    t = job_config.training
+    return build_dataloader(
+        dataset=t.dataset,
+        path=t.dataset_path,
+        split=split,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        seq_len=t.seq_len,
+        local_batch=local_batch,
+        global_batch=global_batch,
+        dp_rank=dp_rank,
+        dp_degree=dp_degree,
+        seed=t.seed,
+        shuffle=shuffle,
+        infinite=infinite,
+        loss_shaping=LossShaping.from_config(t),
+    )
 
 
 def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

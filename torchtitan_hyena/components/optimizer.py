@@ -12,7 +12,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from torchtitan_hyena.models.common.init import clean_fqn
+from torchtitan_hyena.distributed.utils import clean_fqn
 from torchtitan_hyena.tools.logging import logger
 
 NO_DECAY_ATTR = "no_weight_decay_keywords"

@@ -1,4 +1,4 @@
-"""Tokenizers, chosen by the dataset: the data decide what a token id means.
+"""Tokenizers; each dataset chooses its own (``components/dataloader.py``): the data decide what a token id means.
 
 Neural Pile spikes need no tokenizer beyond a vocabulary (a token is a spike count); DNA and text
 are bytes (Evo 2's CharLevelTokenizer); random mock data take the model's vocabulary; preprocessed
@@ -7,9 +7,8 @@ memmap data name their tokenizer in their metadata; other datasets register thei
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
@@ -50,28 +49,3 @@ class ByteTokenizer:
         """Token ids (uint8) of ``text``; a ``str`` is UTF-8 encoded first."""
         data = text.encode("utf-8") if isinstance(text, str) else text
         return np.frombuffer(data, dtype=np.uint8)
-
-
-def _memmap_tokenizer(job_config: Any) -> Any:
-    from torchtitan_hyena.components.datasets.memmap import tokenizer_of
-
-    return tokenizer_of(job_config.training.dataset_path, job_config.training.dataset_split)
-
-
-_TOKENIZERS: dict[str, Callable[[Any], Any]] = {
-    "neural_pile": lambda job_config: SpikeTokenizer(256),
-    "mock": lambda job_config: None,
-    "dna": lambda job_config: ByteTokenizer(512),
-    "memmap": _memmap_tokenizer,
-}
-
-
-def register_tokenizer(dataset: str, builder: Callable[[Any], Any]) -> None:
-    """``builder(job_config)`` returns the tokenizer of ``dataset`` (an object with ``vocab_size``) or None."""
-    _TOKENIZERS[dataset] = builder
-
-
-def build_tokenizer(job_config: Any) -> Any:
-    """The tokenizer of ``training.dataset``; None when the data need none (mock)."""
-    builder = _TOKENIZERS.get(job_config.training.dataset)
-    return None if builder is None else builder(job_config)

@@ -67,7 +67,7 @@ class Model:
         "", "hyena: evo2 = GELU in layer 0 only, gelu / silu = in every MLP", ("", "evo2", "gelu", "silu")
     )
     tie_embeddings: bool = opt(True, "hyena: the output head reuses the embedding matrix (Evo 2)")
-    rope_theta: float = opt(-1.0, "hyena: RoPE base (context extension: ABF); -1 keeps the flavor's")
+    rope_theta: float = opt(-1.0, "RoPE base (context extension: ABF); -1 keeps the flavor's")
     rope_pi_factor: float = opt(-1.0, "hyena: RoPE linear position interpolation, t -> t / factor; -1 keeps flavor's")
     attention_dropout: float = opt(0.0, "hyena: dropout on attention probabilities (training only)")
     hidden_dropout: float = opt(0.0, "hyena: dropout on mixer and MLP outputs before each residual add")

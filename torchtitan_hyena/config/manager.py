@@ -167,6 +167,10 @@ def validate(config: JobConfig) -> None:
     for key, value in {"optimizer.beta1": c.optimizer.beta1, "optimizer.beta2": c.optimizer.beta2}.items():
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if not 0.0 <= c.training.lowercase_loss_reweighting <= 1.0:
+        raise ConfigError(
+            f"training.lowercase_loss_reweighting must be in [0, 1], got {c.training.lowercase_loss_reweighting}"
+        )
     if not (c.lr_scheduler.decay_ratio == -1.0 or 0.0 <= c.lr_scheduler.decay_ratio <= 1.0):
         raise ConfigError(f"lr_scheduler.decay_ratio must be -1 or in [0, 1], got {c.lr_scheduler.decay_ratio}")
     if not 0.0 <= c.lr_scheduler.min_lr_factor <= 1.0:

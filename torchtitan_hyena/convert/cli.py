@@ -9,8 +9,8 @@ import signal
 from collections.abc import Iterator
 
 from torchtitan_hyena.convert import hub
-from torchtitan_hyena.convert.common import DTYPES
 from torchtitan_hyena.convert.llama import dcp_to_llama, llama_to_dcp
+from torchtitan_hyena.dtypes import DTYPES, WEIGHT_DTYPES
 from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.tools.logging import init_logger, logger
 
@@ -35,7 +35,7 @@ def llama_to_dcp_main(argv: list[str] | None = None) -> None:
     p.add_argument("--input_dir", required=True, help="Meta or HF checkpoint folder (format detected)")
     p.add_argument("--output_dir", required=True, help="DCP folder to create")
     p.add_argument("--keep_embeddings", action="store_true", help="keep tok_embeddings/output (default: drop)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="stored precision (default: as in the source)")
+    p.add_argument("--dtype", choices=sorted(WEIGHT_DTYPES), help="stored precision (default: as in the source)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     p.add_argument(
         "--target",
@@ -72,7 +72,7 @@ def dcp_to_llama_main(argv: list[str] | None = None) -> None:
     p.add_argument("--input_dir", required=True, help="step-N folder (training checkpoint or converter output)")
     p.add_argument("--output_dir", required=True, help="folder to create")
     p.add_argument("--format", choices=("hf", "pth"), default="hf", help="hf: transformers folder; pth: Meta layout")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="exported precision (default: as stored)")
+    p.add_argument("--dtype", choices=sorted(WEIGHT_DTYPES), help="exported precision (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     p.add_argument("--hf_repo_name", default="", help="Hub repo id (user/name) for --push_to_hub and the model card")
     p.add_argument("--push_to_hub", action="store_true", help="upload the export (token: HF_TOKEN or hf login)")
@@ -126,7 +126,9 @@ def dcp_to_evo2_main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--input_dir", required=True, help="step-N folder (training checkpoint or converter output)")
     p.add_argument("--output", required=True, help=".pt file to create")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="exported precision (default bfloat16)")
+    p.add_argument(
+        "--dtype", choices=sorted(WEIGHT_DTYPES), default="bfloat16", help="exported precision (default bfloat16)"
+    )
     p.add_argument("--yaml", default="", help="also write the vortex YAML config here")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     a = p.parse_args(argv)

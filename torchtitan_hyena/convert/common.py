@@ -7,8 +7,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,8 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from torchtitan_hyena.components.checkpoint import dcp_error
 from torchtitan_hyena.errors import UserError
+from torchtitan_hyena.protocols.state_dict_adapter import LazyTensor
 from torchtitan_hyena.tools.logging import logger
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @contextlib.contextmanager
@@ -50,15 +48,6 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
-
-
-@dataclass(frozen=True)
-class LazyTensor:
-    """A tensor known by shape and dtype, materialized by ``load()`` only when it is written."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    load: Callable[[], torch.Tensor]
 
 
 class _LazySavePlanner(DefaultSavePlanner):

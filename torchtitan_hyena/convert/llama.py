@@ -1,14 +1,13 @@
-"""Llama checkpoints to and from this project's DCP layout.
+"""Llama checkpoint files to and from this project's DCP layout.
 
-Our tensor names are Meta's (``layers.0.attention.wq.weight``) and so is the RoPE layout
-(interleaved pairs), so a Meta checkpoint only needs its model-parallel shards merged. HF
-checkpoints differ in names and in the row order of wq/wk (rotate-half RoPE); ``permute_qk``
-maps between the two layouts in both directions.
+The files are read and written here (Meta's ``params.json`` + ``consolidated.NN.pth`` shards, HF's
+``config.json`` + safetensors); names, q/k row order, shard layout and args come from the Llama 3 family's
+state-dict adapters (``models/llama3/state_dict_adapter.py``).
 
 Readers return :class:`LazyTensor`s under our names, and the DCP writer materializes them one at
 a time, so converting a 70B checkpoint needs memory for a few tensors, not for the model.
-Seeding another model family from Llama (e.g. a StripedHyena 2 hybrid) is a renaming of these
-lazy tensors plus that family's args, written by the same ``save_dcp_streaming``.
+Seeding another model family from Llama (e.g. a StripedHyena 2 hybrid) goes through that family's
+``llama3`` adapter, a renaming of these lazy tensors plus its args, written by the same ``save_dcp_streaming``.
 """
 
 from __future__ import annotations
@@ -29,100 +28,27 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from torchtitan_hyena.build import model_shapes
 from torchtitan_hyena.components.checkpoint import dcp_error, read_metadata
-from torchtitan_hyena.convert.common import LazyTensor, atomic_output_dir, save_dcp_streaming, with_progress
+from torchtitan_hyena.convert.common import atomic_output_dir, save_dcp_streaming, with_progress
 from torchtitan_hyena.convert.hub import write_model_card
-from torchtitan_hyena.convert.llama_config import (
-    args_from_hf_config,
-    args_from_meta_params,
-    flavor_of,
-    hf_config_from_args,
-    meta_params_from_args,
-)
 from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.models.llama3.args import Llama3Args
-from torchtitan_hyena.models.llama3.model import Transformer
+from torchtitan_hyena.models.llama3.state_dict_adapter import EMBEDDING_KEYS, HFAdapter, MetaAdapter, flavor_of
 from torchtitan_hyena.protocols.model import read_model_args, write_model_args
+from torchtitan_hyena.protocols.state_dict_adapter import LazyTensor
+from torchtitan_hyena.protocols.train_spec import get_train_spec
 from torchtitan_hyena.tools.logging import logger
 
 MODEL_NAME = "llama3"
-EMBEDDING_KEYS = ("tok_embeddings.weight", "output.weight")
 
-_HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}  # fmt: skip
-_HF_LAYER = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-_FROM_HF_TOP = {v: k for k, v in _HF_TOP.items()}
-_FROM_HF_LAYER = {v: k for k, v in _HF_LAYER.items()}
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
-_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-# Meta model parallelism: ColumnParallelLinear shards rows (whole heads for wq/wk/wv), RowParallelLinear
-# shards columns; norms are replicated. tok_embeddings depends on the generation (see _merge_dim).
-_COLUMN_PARALLEL = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight",
-                    "feed_forward.w3.weight", "output.weight")  # fmt: skip
-_ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
 _META_SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-# ---------------------------------------------------------------------------------------------- names, layouts
-def to_hf_name(key: str) -> str:
-    """HF transformers name of one of our tensor names."""
-    if key in _HF_TOP:
-        return _HF_TOP[key]
-    m = _LAYER_RE.match(key)
-    if m is None or m.group(2) not in _HF_LAYER:
-        raise KeyError(f"{key} has no HF name")
-    return f"model.layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
-
-
-def from_hf_name(name: str) -> str | None:
-    """Our name for an HF tensor, or None for tensors nobody needs (old RoPE tables)."""
-    if name.endswith("rotary_emb.inv_freq"):
-        return None
-    if name in _FROM_HF_TOP:
-        return _FROM_HF_TOP[name]
-    m = _HF_LAYER_RE.match(name)
-    if m is None or m.group(2) not in _FROM_HF_LAYER:
-        raise UserError(f"unexpected tensor {name} in the HF checkpoint: only plain Llama weights (no biases) convert")
-    return f"layers.{m.group(1)}.{_FROM_HF_LAYER[m.group(2)]}"
-
-
-def permute_qk(weight: torch.Tensor, n_heads: int, to_hf: bool) -> torch.Tensor:
-    """Reorder the rows of wq/wk between Meta's RoPE layout and HF's.
-
-    Within each head, Meta rotates row pairs (2j, 2j+1) and HF rotates rows (j, j + head_dim/2).
-    ``to_hf=False`` is the exact inverse of ``to_hf=True``.
-    """
-    rows, cols = weight.shape
-    half = rows // n_heads // 2
-    split = (n_heads, half, 2, cols) if to_hf else (n_heads, 2, half, cols)
-    return weight.reshape(split).transpose(1, 2).reshape(rows, cols)
-
-
-def _qk_heads(key: str, args: Llama3Args) -> int | None:
-    if key.endswith("attention.wq.weight"):
-        return args.n_heads
-    if key.endswith("attention.wk.weight"):
-        return args.kv_heads
-    return None
-
-
 def expected_shapes(args: Llama3Args) -> dict[str, tuple[int, ...]]:
     """Every tensor of the Llama model these args describe, with its shape (the model is the truth)."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return model_shapes(MODEL_NAME, args)
 
 
 # ---------------------------------------------------------------------------------------------- readers
@@ -163,16 +89,6 @@ def _load_pth(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
-def _merge_dim(key: str, shard_shape: tuple[int, ...], args: Llama3Args) -> int | None:
-    if key.endswith(_COLUMN_PARALLEL):
-        return 0
-    if key.endswith(_ROW_PARALLEL):
-        return 1
-    if key == "tok_embeddings.weight":  # Llama 3 splits the vocabulary (dim 0), Llama 2 the embedding dim (dim 1)
-        return 0 if shard_shape[1] == args.dim else 1
-    return None  # replicated norms
-
-
 def _load_meta_tensor(
     shards: list[Path], key: str, dim: int | None, spec: tuple[tuple[int, ...], torch.dtype]
 ) -> torch.Tensor:
@@ -195,7 +111,7 @@ def read_meta_checkpoint(folder: Path) -> LlamaCheckpoint:
     params_path = folder / "params.json"
     if not params_path.is_file():
         raise UserError(f"{folder} has consolidated.*.pth but no params.json; copy in the checkpoint's params.json")
-    args = args_from_meta_params(_read_json(params_path), str(params_path))
+    args = MetaAdapter.args_from_config(_read_json(params_path), str(params_path))
     numbered = {int(m.group(1)): p for p in folder.iterdir() if (m := _META_SHARD_RE.match(p.name))}
     if not numbered:
         raise UserError(f"{folder} has params.json but no consolidated.NN.pth weights")
@@ -218,7 +134,8 @@ def read_meta_checkpoint(folder: Path) -> LlamaCheckpoint:
                     f"inconsistent shards: {key} is {list(shape)} in {p.name} but {list(first[key][0])} in "
                     f"{shards[0].name}; all shards must come from one checkpoint"
                 )
-    dims = {k: _merge_dim(k, shape, args) if len(shards) > 1 else None for k, (shape, _) in first.items()}
+    adapter = MetaAdapter(args)
+    dims = {k: adapter.shard_dim(k, shape) if len(shards) > 1 else None for k, (shape, _) in first.items()}
     merged = {}
     for key, (shape, _) in first.items():
         d = dims[key]
@@ -230,7 +147,9 @@ def read_meta_checkpoint(folder: Path) -> LlamaCheckpoint:
     for k in merged:
         spec = (merged[k], first[k][1])
         tensors[k] = LazyTensor(*spec, lambda k=k, spec=spec: _load_meta_tensor(shards, k, dims[k], spec))
-    return LlamaCheckpoint(args, tensors, f"Meta checkpoint, {len(shards)} model-parallel shard(s)")
+    return LlamaCheckpoint(
+        args, adapter.from_external(tensors, str(folder)), f"Meta checkpoint, {len(shards)} model-parallel shard(s)"
+    )
 
 
 def _hf_weight_files(folder: Path) -> dict[str, Path]:
@@ -254,22 +173,18 @@ def _hf_weight_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _load_hf_tensor(path: Path, name: str, qk_heads: int | None) -> torch.Tensor:
+def _load_hf_tensor(path: Path, name: str) -> torch.Tensor:
     with safe_open(path, framework="pt") as f:  # opened per tensor, for the same reason as _load_meta_tensor
-        tensor = f.get_tensor(name)
-    return tensor if qk_heads is None else permute_qk(tensor, qk_heads, to_hf=False)
+        return f.get_tensor(name)
 
 
 def read_hf_checkpoint(folder: Path) -> LlamaCheckpoint:
     """``config.json`` + ``model.safetensors`` or a sharded ``model.safetensors.index.json``."""
     config = _read_json(folder / "config.json")
-    args = args_from_hf_config(config, str(folder / "config.json"))
+    args = HFAdapter.args_from_config(config, str(folder / "config.json"))
     files = _hf_weight_files(folder)
-    tensors = {}
+    stored = {}
     for name, path in files.items():
-        key = from_hf_name(name)
-        if key is None:
-            continue
         try:
             with safe_open(path, framework="pt") as f:
                 info = f.get_slice(name)
@@ -278,8 +193,8 @@ def read_hf_checkpoint(folder: Path) -> LlamaCheckpoint:
             raise UserError(f"cannot read {name} from {path} ({type(e).__name__}: {e})") from None
         if st_dtype not in _ST_DTYPES:
             raise UserError(f"{path}: {name} is stored as {st_dtype}; only floating-point weights convert")
-        heads = _qk_heads(key, args)
-        tensors[key] = LazyTensor(shape, _ST_DTYPES[st_dtype], lambda p=path, n=name, h=heads: _load_hf_tensor(p, n, h))
+        stored[name] = LazyTensor(shape, _ST_DTYPES[st_dtype], lambda p=path, n=name: _load_hf_tensor(p, n))
+    tensors = HFAdapter(args).from_external(stored, str(folder))
     if "output.weight" not in tensors and config.get("tie_word_embeddings") and "tok_embeddings.weight" in tensors:
         tensors["output.weight"] = tensors["tok_embeddings.weight"]  # our model unties: both start equal
     _check_tensor_set({k: t.shape for k, t in tensors.items()}, args, str(folder), "check config.json")
@@ -330,10 +245,10 @@ def llama_to_dcp(
     if layout and target != "hyena":
         raise UserError("--layout describes a hybrid; add --target hyena or drop --layout")
     ckpt = read_llama_checkpoint(input_dir)
-    if target == "hyena":
-        from torchtitan_hyena.convert.hybrid import hybrid_from_llama, log_training_hint
-
-        flavor, args, tensors = hybrid_from_llama(ckpt, layout, keep_embeddings)
+    seed = None
+    if target != MODEL_NAME:  # the target family's adapter from Llama 3 (the hybrid's: models/hyena/from_llama.py)
+        seed = get_train_spec(target).state_dict_adapters[MODEL_NAME].from_llama(ckpt.args, layout, keep_embeddings)
+        flavor, args, tensors = seed.flavor, seed.args, seed.from_external(ckpt.tensors, str(input_dir))
     else:
         tensors = {k: t for k, t in ckpt.tensors.items() if keep_embeddings or k not in EMBEDDING_KEYS}
         flavor, args = flavor_of(ckpt.args), ckpt.args
@@ -348,8 +263,8 @@ def llama_to_dcp(
         write_model_args(tmp, target, flavor, args)
     dropped = "" if keep_embeddings else " (tok_embeddings/output dropped; --keep_embeddings keeps them)"
     logger.info(f"wrote {output_dir} in {time.perf_counter() - t0:.1f}s{dropped}")
-    if target == "hyena":
-        log_training_hint(args, flavor, output_dir)
+    if seed is not None:
+        seed.log_training_hint(output_dir)
     return ckpt
 
 
@@ -414,20 +329,17 @@ def _shard_groups(stored: dict[str, _Stored], dtype: torch.dtype, max_bytes: int
 def _write_hf(
     step_dir: Path, stored: dict[str, _Stored], args: Llama3Args, dtype: torch.dtype, out: Path, max_shard_bytes: int
 ) -> None:
-    (out / "config.json").write_text(json.dumps(hf_config_from_args(args, dtype), indent=2) + "\n")
+    adapter = HFAdapter(args)
+    (out / "config.json").write_text(json.dumps(adapter.config(dtype), indent=2) + "\n")
     groups = _shard_groups(stored, dtype, max_shard_bytes)
     weight_map, total = {}, 0
     for i, keys in enumerate(groups, start=1):
         name = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        tensors = _load_tensors(step_dir, {k: stored[k] for k in keys}, dtype)
-        hf = {}
-        for key, tensor in tensors.items():
-            heads = _qk_heads(key, args)
-            hf[to_hf_name(key)] = tensor if heads is None else permute_qk(tensor, heads, to_hf=True).contiguous()
+        hf = adapter.to_external(_load_tensors(step_dir, {k: stored[k] for k in keys}, dtype), dtype)
         save_file(hf, out / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(hf, name))
         total += sum(t.numel() * t.element_size() for t in hf.values())
-        del tensors, hf
+        del hf
     if len(groups) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -466,7 +378,7 @@ def dcp_to_llama(
     with atomic_output_dir(output_dir, overwrite) as tmp:
         if fmt == "pth":
             torch.save(_load_tensors(step_dir, stored, dtype), tmp / "consolidated.00.pth")
-            (tmp / "params.json").write_text(json.dumps(meta_params_from_args(args), indent=2) + "\n")
+            (tmp / "params.json").write_text(json.dumps(MetaAdapter(args).config(), indent=2) + "\n")
         else:
             _write_hf(step_dir, stored, args, dtype, tmp, max_shard_bytes)
         write_model_card(tmp, args, flavor, fmt, dtype, step_dir, repo_name)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torchtitan_hyena.config.job_config import Compile
 from torchtitan_hyena.tools.logging import logger
+
+
+def compiles_model(config: Compile) -> bool:
+    """Whether the model's blocks are torch.compile'd (``compile.enable`` with ``model`` in its components)."""
+    return config.enable and "model" in config.components
 
 
 def apply_compile(layers: nn.ModuleDict, backend: str, fullgraph: bool = True) -> None:

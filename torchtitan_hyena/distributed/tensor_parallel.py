@@ -11,7 +11,7 @@ the shards under :func:`maybe_loss_parallel`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -119,6 +119,38 @@ def block_input_plan(prepare: type[ParallelStyle], n_extra_args: int = 0) -> Par
     """All-gather a block's sequence-sharded first input; ``n_extra_args`` further inputs pass through."""
     extra = (None,) * n_extra_args
     return prepare(input_layouts=(Shard(1), *extra), desired_input_layouts=(Replicate(), *extra))
+
+
+def prenorm_block_plan(
+    block: nn.Module,
+    *,
+    norms: tuple[str, str],
+    mixer: str,
+    mixer_in: Sequence[str],
+    mixer_out: str,
+    mlp: str,
+    mixer_extra_args: int,
+    float8: bool,
+) -> dict[str, ParallelStyle]:
+    """The plan of a pre-norm block, ``x + mixer(norm1(x))`` then ``h + mlp(norm2(h))`` with a gated MLP
+    (``w1``/``w3`` in, ``w2`` out): norms on sequence shards, the mixer's input projections ``mixer_in`` and the
+    MLP's ``w1``/``w3`` column-parallel after one all-gather of the block input, ``mixer_out`` and ``w2``
+    row-parallel, reduce-scattering back to sequence shards. ``mixer_extra_args``: mixer inputs after the first
+    that pass through (e.g. RoPE tables); ``float8``: TP collectives may travel in float8 (:func:`linear_styles`)."""
+    mixing, gated = block.get_submodule(mixer), block.get_submodule(mlp)
+    m_col, m_row, m_prep = linear_styles([*(mixing.get_submodule(n) for n in (*mixer_in, mixer_out))], float8)
+    f_col, f_row, f_prep = linear_styles([gated.w1, gated.w2, gated.w3], float8)
+    return {
+        norms[0]: norm_plan(),
+        mixer: block_input_plan(m_prep, n_extra_args=mixer_extra_args),
+        **{f"{mixer}.{name}": m_col() for name in mixer_in},
+        f"{mixer}.{mixer_out}": m_row(output_layouts=Shard(1)),
+        norms[1]: norm_plan(),
+        mlp: block_input_plan(f_prep),
+        f"{mlp}.w1": f_col(),
+        f"{mlp}.w2": f_row(output_layouts=Shard(1)),
+        f"{mlp}.w3": f_col(),
+    }
 
 
 def maybe_enable_async_tp(enabled: bool, compiled: bool, tp_mesh: DeviceMesh) -> bool:

@@ -1,4 +1,4 @@
-"""Process-group set-up, device selection, determinism and distributed math helpers."""
+"""Process-group set-up, device selection, determinism, parameter names under wrappers, distributed math."""
 
 from __future__ import annotations
 
@@ -12,6 +12,15 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from torchtitan_hyena.tools.logging import logger
+
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def clean_fqn(fqn: str) -> str:
+    """Strip the names that AC, compile and FSDP wrappers insert into parameter paths."""
+    for part in _WRAPPER_PARTS:
+        fqn = fqn.replace(part, "")
+    return fqn
 
 
 def device_type() -> str:

@@ -6,27 +6,40 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from torch import nn
 
 from torchtitan_hyena.errors import UserError
 
 MODEL_ARGS_FILE = "model_args.json"
+A = TypeVar("A", bound="BaseModelArgs")
 
 
 @dataclass
 class BaseModelArgs:
-    """Hyper-parameters of one model; flavors are instances of a subclass."""
+    """Hyper-parameters of one model; flavors are instances of a subclass.
+
+    ``config_keys`` names the ``model.*`` keys of the job config the family reads (``name`` and ``flavor`` are
+    everyone's): the set-up rejects any other key set to a non-default value, so a key is never silently
+    ignored. ``config_overrides`` says what those keys (and ``training.seq_len``) change.
+    """
 
     vocab_size: int = 256
     max_seq_len: int = 2048
 
-    def update_from_config(self, job_config: Any) -> None:
-        """Copy the run-time values (vocab, sequence length, kernels) from the job config."""
+    config_keys: ClassVar[frozenset[str]] = frozenset({"vocab_size"})
+
+    def config_overrides(self, job_config: Any) -> dict[str, Any]:
+        """Field values the job config sets: the run-time values (vocab, sequence length, kernels, ...)."""
+        out: dict[str, Any] = {"max_seq_len": job_config.training.seq_len}
         if job_config.model.vocab_size > 0:
-            self.vocab_size = job_config.model.vocab_size
-        self.max_seq_len = job_config.training.seq_len
+            out["vocab_size"] = job_config.model.vocab_size
+        return out
+
+    def with_config(self: A, job_config: Any) -> A:
+        """A copy with :meth:`config_overrides` applied; it is checked as it is built, like every args object."""
+        return dataclasses.replace(self, **self.config_overrides(job_config))
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, float]:
         """(parameter count, training FLOPs per token) for MFU."""
@@ -36,7 +49,7 @@ class BaseModelArgs:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> BaseModelArgs:
+    def from_dict(cls: type[A], values: dict[str, Any]) -> A:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - names
         if unknown:

@@ -2,15 +2,16 @@
 
     python -m torchtitan_hyena.train --job.config_file X.toml --dry_run --world_size 512 [--device mi250x]
 
-One process plays rank 0 of ``world_size`` on torch's fake process group. The device mesh, the
-meta-device model and ``train_spec.parallelize_fn`` are the ones training uses, so the layout errors a
-launch would hit (degrees vs. world size, divisibility, unsupported parallelisms) show up in seconds
-on a login node. Memory per rank (rank 0 holds the largest shards) is then:
+One process plays rank 0 of ``world_size`` on torch's fake process group and goes through the set-up training
+uses (``build.py``: validation, device mesh, meta-device model, the family's parallelize plan), so the layout errors
+a launch would hit (degrees vs. world size, divisibility, unsupported parallelisms) show up in seconds on a login
+node. Memory per rank (rank 0 holds the largest shards) is then:
 
 * parameters, gradients, optimizer state: from the sharded (DTensor local) parameter shapes;
 * FSDP buffers: the largest unit gathered, one more prefetched, and its gradients before reduce-scatter;
-* activations: an analytic model per model family, checked against the tensors autograd saves on CPU
-  (tests/test_dry_run.py); no torch.compile fusion is assumed, so it errs high;
+* activations: the model family's analytic model (``TrainSpec.activation_estimator``, see
+  ``tools/activation_memory.py``), checked against the tensors autograd saves on CPU (the dry-run tests); no
+  torch.compile fusion is assumed, so it errs high;
 * a runtime reserve of 10 % of the device (HIP/CUDA context, RCCL buffers, allocator fragmentation).
 
 It touches no data, creates no dump folder and needs no GPU.
@@ -18,7 +19,6 @@ It touches no data, creates no dump folder and needs no GPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,13 +27,12 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from torchtitan_hyena import build
 from torchtitan_hyena.config import JobConfig
 from torchtitan_hyena.distributed.float8 import Accelerator
-from torchtitan_hyena.distributed.fsdp import DTYPES
-from torchtitan_hyena.distributed.parallel_dims import ParallelDims
+from torchtitan_hyena.dtypes import DTYPES
 from torchtitan_hyena.errors import ConfigError
-from torchtitan_hyena.protocols.model import BaseModelArgs
-from torchtitan_hyena.protocols.train_spec import get_flavor_args, get_train_spec
+from torchtitan_hyena.tools.activation_memory import ActivationEstimate, ActivationInputs
 from torchtitan_hyena.tools.logging import init_logger, logger
 from torchtitan_hyena.tools.world_size import required_world_size
 
@@ -112,130 +111,6 @@ def device_budget_gib(device: str) -> float:
     if gib <= 0:
         raise ConfigError(f"--device must be one of {', '.join(DEVICE_MEMORY_GIB)} or a number of GiB, got {device!r}")
     return gib
-
-
-# ---------------------------------------------------------------------------------------------- activations
-@dataclass(frozen=True)
-class ActivationInputs:
-    """What one rank's activation memory depends on, besides the model's shape."""
-
-    microbatch: int  # sequences per forward/backward
-    seq_len: int  # global sequence length
-    tp: int
-    cp: int
-    act_bytes: int  # bytes per activation element (the compute dtype)
-    ac_mode: str
-    ac_option: str
-    loss_parallel: bool
-    cp_rotate: str = "allgather"  # allgather keeps the whole sequence's K/V per attention layer, ring one block
-
-
-@dataclass(frozen=True)
-class ActivationEstimate:
-    saved: int  # tensors autograd keeps from forward to backward (all layers + head), at the end of forward
-    peak: int  # the most alive at once: the layers' saved tensors plus the loss, or plus a recomputed block
-
-
-ActivationEstimator = Callable[[BaseModelArgs, ActivationInputs], ActivationEstimate]
-_ESTIMATORS: dict[str, ActivationEstimator] = {}
-
-
-def register_activation_estimator(model_name: str, estimator: ActivationEstimator) -> None:
-    """Teach the dry run the activation memory of a model family."""
-    _ESTIMATORS[model_name] = estimator
-
-
-def _norm_bytes(h: int) -> float:
-    return 2 * 4 * h + 4  # RMSNorm keeps its input and normalised output in fp32, plus rstd
-
-
-def _with_checkpointing(
-    s: ActivationInputs, layers: list[tuple[float, float]], block_input: float, head_saved: float, vocab: float, f: int
-) -> ActivationEstimate:
-    """Combine per-layer bytes per token, ``(full, kept by per-op SAC)``, according to the AC mode, add the head,
-    and find the peak: the saved tensors plus the loss, or plus one recomputed block and its live gradients."""
-    t, p, h = s.tp, s.act_bytes, block_input * s.tp / s.act_bytes
-    tokens = s.microbatch * s.seq_len // s.cp
-    worst = max(full for full, _ in layers)
-    if s.ac_mode == "none":
-        per_layer, recompute = sum(full for full, _ in layers), 0.0
-    elif s.ac_mode == "full":
-        per_layer, recompute = len(layers) * block_input, worst
-    elif s.ac_option == "op":
-        per_layer, recompute = sum(op for _, op in layers), worst
-    else:
-        every = int(s.ac_option)
-        per_layer = sum(block_input if i % every == 0 else full for i, (full, _) in enumerate(layers))
-        recompute = worst
-    head_transient = (p + 4 + 4) * vocab  # logits, their fp32 copy, its gradient
-    block_transient = recompute + p * (2 * f / t + 2 * h)  # recomputed block, live gradients
-    # The head's tensors are freed by the time the last block's backward (and recompute) starts.
-    peak = per_layer + max(head_saved + head_transient, block_transient)
-    return ActivationEstimate(saved=int(tokens * (per_layer + head_saved)), peak=int(tokens * peak))
-
-
-def llama3_activations(args: BaseModelArgs, s: ActivationInputs) -> ActivationEstimate:
-    """Bytes autograd saves per token and layer, for eager Llama 3 blocks (no compile fusion).
-
-    Under TP the residual stream and the norms are sequence-sharded (SP) while the inputs of the
-    column-parallel projections are gathered; under CP each rank holds seq_len / cp tokens, and all-gather
-    attention keeps the gathered K/V of the whole sequence (ring attention only its own).
-    """
-    t, p = s.tp, s.act_bytes
-    cp = s.cp if s.cp_rotate == "allgather" else 1
-    h, f, heads = args.dim, args.ffn_hidden_dim, args.n_heads
-    q, kv = heads * args.head_dim, args.kv_heads * args.head_dim
-    norm = _norm_bytes(h)
-    sdpa_out = p * q / t + 4 * heads / t  # output and log-sum-exp
-    block_input = p * h / t
-    full = (
-        2 * norm / t  # attention_norm, ffn_norm (sequence-parallel)
-        + 2 * p * h  # inputs of wq/wk/wv and w1/w3, gathered over TP
-        + p * (q + 2 * kv * cp) / t  # SDPA inputs: q, and K/V over the whole sequence
-        + sdpa_out
-        + 4 * p * f / t  # SwiGLU: w1 out, silu out, w3 out, their product
-    )
-    # Per-op SAC (activation_checkpoint.py) keeps every other matmul output (wq, wv, w1, w2) and attention.
-    op_sac = block_input + p * (q + kv + f) / t + p * h + sdpa_out
-    vocab = args.vocab_size / (t if s.loss_parallel else 1)
-    head_saved = norm / t + p * h + 4 * vocab  # final norm, output input, fp32 log-softmax
-    return _with_checkpointing(s, [(full, op_sac)] * args.n_layers, block_input, head_saved, vocab, f)
-
-
-def hyena_activations(args: BaseModelArgs, s: ActivationInputs) -> ActivationEstimate:
-    """Bytes autograd saves per token and layer, for eager StripedHyena 2 blocks (sequence parallel as Llama).
-
-    Every block keeps two norms, the gathered inputs of its mixer and MLP and the GLU's four F-wide tensors.
-    Hyena blocks add the 3D projection and the featurized q/k/v, and the SE/MR reference convolution's fp32
-    k*v, output and q (the Triton kernels keep less; the LI FFT op keeps nothing beyond q/k/v); attention
-    blocks keep q/k/v after RoPE and the SDPA output. The tied head's logits are whole on every rank.
-    Under CP (seq_len / cp tokens per rank) all-gather attention also keeps the whole sequence's K/V, and the
-    all-to-all convolutions keep the channel-sharded k*v and the returned output (one D/tp-wide tensor each per
-    local token).
-    """
-    t, p = s.tp, s.act_bytes
-    h, f, heads = args.dim, args.ffn_hidden_dim, args.n_heads
-    gathered_kv = 2 * p * h * (s.cp - 1) / t if s.cp_rotate == "allgather" else 0.0
-    all_to_all = 2 * p * h / t if s.cp > 1 else 0.0
-    norm = _norm_bytes(h)
-    block_input = p * h / t
-    common = 2 * norm / t + 2 * p * h + 4 * p * f / t + p * h / t  # norms, gathered inputs, GLU, out_proj input
-    sdpa_out = p * h / t + 4 * heads / t
-    layers = []
-    for kind in args.layout:
-        if kind == "*":
-            mixer, op_kept = 3 * p * h / t + gathered_kv + sdpa_out, p * 3 * h / t + gathered_kv + sdpa_out
-        else:
-            mixer, op_kept = 2 * 3 * p * h / t + (3 * 4 * h / t if kind in "SD" else all_to_all), p * 3 * h / t
-        op_sac = block_input + op_kept + p * (f + h) / t + p * h  # every other matmul output, as for Llama
-        layers.append((common + mixer, op_sac))
-    vocab = args.vocab_size / (t if s.loss_parallel else 1)
-    head_saved = norm / t + p * h + 4 * vocab
-    return _with_checkpointing(s, layers, block_input, head_saved, vocab, f)
-
-
-register_activation_estimator("llama3", llama3_activations)
-register_activation_estimator("hyena", hyena_activations)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -329,8 +204,6 @@ def dry_run(config: JobConfig, world_size: int | None = None, device: str = "mi2
     """Build everything training builds up to materialization, as rank 0 of ``world_size``; see module doc."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from torchtitan_hyena.train import convert_model, validate_layout  # train imports this module
-
     init_logger()
     if dist.is_initialized():
         raise RuntimeError("a dry run needs a process without a process group")
@@ -339,23 +212,10 @@ def dry_run(config: JobConfig, world_size: int | None = None, device: str = "mi2
     c, p = config, config.parallelism
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
-        pd = ParallelDims(
-            dp_replicate=p.data_parallel_replicate_degree,
-            dp_shard=p.data_parallel_shard_degree,
-            cp=p.context_parallel_degree,
-            tp=p.tensor_parallel_degree,
-            world_size=world_size,
-        )
-        validate_layout(c, pd, TARGET_ACCELERATORS.get(device.lower(), Accelerator("unknown", device)))
-        pd.build_mesh("cpu")
-        spec = get_train_spec(c.model.name)
-        args = get_flavor_args(spec, c.model.flavor)
-        args.update_from_config(c)
-        with torch.device("meta"):
-            model = spec.model_cls(args)
-        convert_model(model, c, pd)
-        nparams, _ = args.get_nparams_and_flops(model, c.training.seq_len)
-        model = spec.parallelize_fn(model, pd, c)
+        target = TARGET_ACCELERATORS.get(device.lower(), Accelerator("unknown", device))
+        s = build.setup(c, device=torch.device("cpu"), accelerator=target)
+        pd, args = s.parallel_dims, s.model_args
+        model, nparams, _ = build.build_model(s, materialize=False)
 
         param_bytes = sum(_local_bytes(q) for q in model.parameters())
         states = OPTIMIZER_STATES.get(c.optimizer.name, 2)
@@ -367,7 +227,7 @@ def dry_run(config: JobConfig, world_size: int | None = None, device: str = "mi2
             buffers = max(fsdp_units) * (2 * gathered + gathered + reduce)
         else:
             buffers = 0
-        estimator = _ESTIMATORS.get(c.model.name)
+        estimator = s.spec.activation_estimator
         activations = None
         if estimator is not None:
             ac = c.activation_checkpoint

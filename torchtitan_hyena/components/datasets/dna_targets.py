@@ -52,10 +52,7 @@ class LossShaping:
 
     @classmethod
     def from_config(cls, training: Any) -> LossShaping:
-        if not 0.0 <= training.lowercase_loss_reweighting <= 1.0:
-            raise ConfigError(
-                f"training.lowercase_loss_reweighting must be in [0, 1], got {training.lowercase_loss_reweighting}"
-            )
+        """From the ``training`` section (validated by the config manager)."""
         return cls(
             training.to_upper,
             training.lowercase_loss_reweighting,

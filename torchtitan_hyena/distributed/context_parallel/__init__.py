@@ -5,11 +5,12 @@ and with every attention kernel. The pieces:
 
 * ``layout``: the load-balanced sharding (rank r holds chunks r and 2N-1-r of 2N); the trainer shards each batch
   (inputs, labels, loss weights) and passes the tokens' global positions to the model (RoPE).
-* ``attention``: ``InnerAttention`` replaced by all-gather or ring attention (both model families).
-* ``hyena``: halo exchange for FIR convolutions, sequence <-> channel all-to-all for long convolutions.
+* ``attention``: the model's inner attention replaced by all-gather or ring attention (both model families).
+* ``convolution``: halo exchange for FIR convolutions, sequence <-> channel all-to-all for long convolutions.
 * ``collectives``: the autograd-aware collectives underneath, with communication accounting.
 
-Models are wired in their ``parallelize.py`` (after TP, before AC/compile/FSDP); FSDP then shards parameters over
+The set-up (``build.py``) builds one :class:`ContextParallel` and hands it to the model family's parallelize plan
+(after TP, before AC/compile/FSDP) and to the trainer (batch sharding); FSDP then shards parameters over
 ``dp_shard x cp`` and sums the gradients of the CP ranks. CP regions run eagerly: they are graph breaks under
 torch.compile, and blocks compile without ``fullgraph`` when CP is on.
 """

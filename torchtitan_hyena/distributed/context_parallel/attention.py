@@ -1,7 +1,8 @@
 """Causal attention over a context-parallel (load-balanced) sequence: all-gather K/V, or pass K/V around a ring.
 
-Both replace the model's parameter-free ``InnerAttention`` and take this rank's q, k, v as (B, H, 2c, d) with K/V
-carrying their own (GQA) heads, so only KV heads cross ranks.
+Both replace the model's parameter-free attention module (``models/common/attention.py``'s ``InnerAttention``:
+``scale``, ``dropout`` and its backend behind ``inner(q, k, v)``) and take this rank's q, k, v as (B, H, 2c, d) with
+K/V carrying their own (GQA) heads, so only KV heads cross ranks.
 
 * ``allgather``: one all-gather of K/V; each local query chunk then attends the gathered keys up to the end of
   its own chunk, through the model's attention backend (SDPA, flash-attn) with a bottom-right aligned causal
@@ -29,7 +30,6 @@ from torchtitan_hyena.distributed.context_parallel.layout import (
     key_extent,
     natural_order,
 )
-from torchtitan_hyena.models.common.attention import InnerAttention
 from torchtitan_hyena.tools.logging import logger
 
 # Score elements per row chunk of the matmul block kernel: 256 MiB of fp32 scores.
@@ -39,7 +39,7 @@ SCORE_ELEMENTS = 1 << 26
 class AllGatherAttention(nn.Module):
     """K/V all-gathered once; per local chunk, attention to the keys before its end via the model's backend."""
 
-    def __init__(self, inner: InnerAttention, cp: ContextParallel) -> None:
+    def __init__(self, inner: nn.Module, cp: ContextParallel) -> None:
         super().__init__()
         self.inner = inner
         self.cp = cp
@@ -102,7 +102,7 @@ class _PrefixAttention(torch.autograd.Function):
 class RingAttention(nn.Module):
     """Ring (pass-KV) attention with log-sum-exp merging; see the module docstring."""
 
-    def __init__(self, inner: InnerAttention, cp: ContextParallel) -> None:
+    def __init__(self, inner: nn.Module, cp: ContextParallel) -> None:
         super().__init__()
         self.scale = inner.scale
         self.cp = cp
@@ -112,13 +112,13 @@ class RingAttention(nn.Module):
         return _RingAttention.apply(q, k, v, self.scale, self.cp)
 
 
-def apply_cp_attention(model: nn.Module, cp: ContextParallel) -> None:
-    """Replace every ``InnerAttention`` of ``model`` by its context-parallel version (parameter-free: the state
-    dict is unchanged)."""
+def apply_cp_attention(model: nn.Module, cp: ContextParallel, attention_cls: type[nn.Module]) -> None:
+    """Replace every ``attention_cls`` module of ``model`` (the family's parameter-free inner attention) by its
+    context-parallel version; the state dict is unchanged."""
     cls = RingAttention if cp.rotate_method == "ring" else AllGatherAttention
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, InnerAttention):
+            if isinstance(child, attention_cls):
                 setattr(module, name, cls(child, cp))
 
 

@@ -59,6 +59,24 @@ def local_positions(seq_len: int, rank: int, degree: int, device: torch.device |
 
 
 @dataclass(frozen=True)
+class ChannelSlice:
+    """Channels [start, stop) of the ``total`` channels this rank would otherwise compute (e.g. its share after
+    the context-parallel all-to-all from sequence shards to channel shards)."""
+
+    start: int
+    stop: int
+    total: int
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The rows of a per-channel (total, ...) or per-group (groups, ...) tensor that cover these channels.
+        A slice may not split a group (layouts that would are rejected before the model is built)."""
+        per_row = self.total // t.shape[0]
+        if self.start % per_row or self.stop % per_row:
+            raise ValueError(f"channels [{self.start}, {self.stop}) split a group of {per_row} channels")
+        return t[self.start // per_row : self.stop // per_row]
+
+
+@dataclass(frozen=True)
 class ContextParallel:
     """One rank's view of the context-parallel group: who it is, and how attention and Hyena-MR exchange data.
 

@@ -9,38 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from torchtitan_hyena.errors import ConfigError
+from torchtitan_hyena.models.common.flash_attention import describe, flash_available, resolve_flash
+from torchtitan_hyena.models.common.sdpa import AttentionFn, sdpa_attention
 from torchtitan_hyena.tools.logging import logger
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float | None], torch.Tensor]
-
-
-def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, dropout_p: float = 0.0
-) -> torch.Tensor:
-    """Causal attention through ``F.scaled_dot_product_attention`` (flash/efficient/math kernels).
-
-    With fewer queries than keys (a context-parallel query chunk against the keys before it) the
-    causal mask is aligned bottom-right, as in flash-attn. ``dropout_p``: attention dropout (training).
-    """
-    gqa = q.size(1) != k.size(1)
-    if q.size(2) == k.size(2):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=gqa)
-    mask = causal_lower_right(q.size(2), k.size(2))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p, enable_gqa=gqa)
-
-
-def _flash() -> AttentionFn:
-    from torchtitan_hyena.models.common.flash_attention import resolve_flash
-
-    return resolve_flash()
-
-
-_BACKENDS: dict[str, Callable[[], AttentionFn]] = {"sdpa": lambda: sdpa_attention, "flash": _flash}
+_BACKENDS: dict[str, Callable[[], AttentionFn]] = {"sdpa": lambda: sdpa_attention, "flash": resolve_flash}
 _logged: set[tuple[str, str]] = set()
 
 
@@ -53,8 +29,6 @@ def resolve_attention_backend(name: str) -> AttentionFn:
     """The kernel for ``model.attention_backend``; ``auto`` is flash on a GPU with flash-attn, else SDPA."""
     requested = name
     if name == "auto":
-        from torchtitan_hyena.models.common.flash_attention import flash_available
-
         name = "flash" if flash_available() else "sdpa"
     if name not in _BACKENDS:
         raise ConfigError(f"model.attention_backend {name!r} is not available here; available: {', '.join(_BACKENDS)}")
@@ -64,8 +38,6 @@ def resolve_attention_backend(name: str) -> AttentionFn:
         _logged.add((requested, used))
         detail = ""
         if used == "flash":
-            from torchtitan_hyena.models.common.flash_attention import describe
-
             detail = f" ({describe()})"
         logger.info(f"attention backend: {used}{detail} (model.attention_backend = {requested})")
     return fn

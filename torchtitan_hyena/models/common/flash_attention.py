@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from torchtitan_hyena.models.common.attention import AttentionFn, sdpa_attention
+from torchtitan_hyena.models.common.sdpa import AttentionFn, sdpa_attention
 from torchtitan_hyena.tools.logging import logger
 
 MAX_HEAD_DIM = 256  # flash-attn 2 (CK, Triton and CUDA kernels)

@@ -14,16 +14,9 @@ from collections.abc import Callable
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from torchtitan_hyena.distributed.utils import clean_fqn
+
 InitFn = Callable[[torch.Tensor, torch.Generator], None]
-
-_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def clean_fqn(fqn: str) -> str:
-    """Strip the names that AC, compile and FSDP wrappers insert into parameter paths."""
-    for part in _WRAPPER_PARTS:
-        fqn = fqn.replace(part, "")
-    return fqn
 
 
 def param_seed(seed: int, fqn: str) -> int:

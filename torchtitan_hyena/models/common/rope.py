@@ -6,6 +6,7 @@ GPT-NeoX's rotate-half (x[j], x[j + d/2]) used by StripedHyena 2 / Evo 2.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -50,14 +51,14 @@ class RopeScalingArgs:
     rope_high_freq_factor: float = 4.0
     rope_original_max_position: int = 8192
 
-    def update_rope_scaling(self, model_config: Any) -> None:
-        """Take the job config's ``[model]`` scaling when it sets one; otherwise keep the flavor's."""
+    def rope_overrides(self, model_config: Any) -> dict[str, Any]:
+        """The job config's ``[model]`` RoPE base and Llama-3.1 scaling where it sets them; else the flavor's stay."""
+        out: dict[str, Any] = {}
+        if model_config.rope_theta > 0:
+            out["rope_theta"] = model_config.rope_theta
         if model_config.rope_scaling != "none":
-            self.rope_scaling = model_config.rope_scaling
-            self.rope_scaling_factor = model_config.rope_scaling_factor
-            self.rope_low_freq_factor = model_config.rope_low_freq_factor
-            self.rope_high_freq_factor = model_config.rope_high_freq_factor
-            self.rope_original_max_position = model_config.rope_original_max_position
+            out.update({f.name: getattr(model_config, f.name) for f in dataclasses.fields(RopeScalingArgs)})
+        return out
 
     def rope_frequencies(self) -> torch.Tensor:
         """This model's inverse RoPE frequencies (scaling included)."""
@@ -70,6 +71,10 @@ class RopeScalingArgs:
             self.rope_high_freq_factor,
             self.rope_original_max_position,
         )
+
+
+# The ``model.*`` config keys read by :meth:`RopeScalingArgs.rope_overrides`.
+ROPE_CONFIG_KEYS = frozenset({"rope_theta", *(f.name for f in dataclasses.fields(RopeScalingArgs))})
 
 
 def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,15 +1,16 @@
-"""StripedHyena 2 hyper-parameters, the layer layout and the FLOP model (docs/stripedhyena2.md §1, §7, §11)."""
+"""StripedHyena 2 hyper-parameters, the config keys it reads, the layer layout and the FLOP model
+(docs/stripedhyena2.md §1, §7, §11)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
 from torchtitan_hyena.errors import ConfigError
-from torchtitan_hyena.models.common.rope import RopeScalingArgs
+from torchtitan_hyena.models.common.rope import ROPE_CONFIG_KEYS, RopeScalingArgs
 from torchtitan_hyena.protocols.model import BaseModelArgs
 
 # Layer letters: S = Hyena-SE, D = Hyena-MR, H = Hyena-LI, * = multi-head attention.
@@ -86,6 +87,13 @@ class HyenaArgs(RopeScalingArgs, BaseModelArgs):
     conv_impl: str = "auto"
     attention_backend: str = "sdpa"
 
+    config_keys: ClassVar[frozenset[str]] = (
+        BaseModelArgs.config_keys
+        | ROPE_CONFIG_KEYS
+        | {"attention_backend", "conv_impl", "layout", "li_filter", "mlp_activation", "tie_embeddings"}
+        | {"rope_pi_factor", "attention_dropout", "hidden_dropout", "embedding_init_std"}
+    )
+
     def __post_init__(self) -> None:
         if self.embedding_init_std <= 0:
             self.embedding_init_std = self.small_init_std
@@ -105,7 +113,8 @@ class HyenaArgs(RopeScalingArgs, BaseModelArgs):
         return math.sqrt(2 / (5 * self.dim))
 
     def validate(self) -> None:
-        """Reject impossible combinations with a message naming the fix."""
+        """Reject impossible combinations with a message naming the fix (on construction: args are built, from a
+        flavor and the job config by ``with_config``, never patched)."""
         self.layout = parse_layout(self.layout)
         checks = (
             (self.dim % self.n_heads == 0, f"dim {self.dim} must be divisible by n_heads {self.n_heads}"),
@@ -124,28 +133,24 @@ class HyenaArgs(RopeScalingArgs, BaseModelArgs):
             if not ok:
                 raise ConfigError(f"hyena model: {message}")
 
-    def update_from_config(self, job_config: Any) -> None:
-        super().update_from_config(job_config)
+    def config_overrides(self, job_config: Any) -> dict[str, Any]:
         m = job_config.model
-        self.conv_impl = m.conv_impl
-        self.attention_backend = m.attention_backend
-        if m.layout:
-            self.layout = m.layout
-        if m.li_filter:
-            self.li_filter = m.li_filter
-        if m.mlp_activation:
-            self.mlp_activation = m.mlp_activation
-        if m.embedding_init_std > 0:
-            self.embedding_init_std = m.embedding_init_std
-        if m.rope_theta > 0:
-            self.rope_theta = m.rope_theta
-        if m.rope_pi_factor > 0:
-            self.rope_pi_factor = m.rope_pi_factor
-        self.update_rope_scaling(m)
-        self.tie_embeddings = m.tie_embeddings
-        self.attention_dropout = m.attention_dropout
-        self.hidden_dropout = m.hidden_dropout
-        self.validate()
+        out = {
+            **super().config_overrides(job_config),
+            "conv_impl": m.conv_impl,
+            "attention_backend": m.attention_backend,
+        }
+        for key in ("layout", "li_filter", "mlp_activation"):  # empty keeps the flavor's
+            if getattr(m, key):
+                out[key] = getattr(m, key)
+        for key in ("embedding_init_std", "rope_pi_factor"):  # -1 keeps the flavor's
+            if getattr(m, key) > 0:
+                out[key] = getattr(m, key)
+        out.update(self.rope_overrides(m))
+        out.update(
+            tie_embeddings=m.tie_embeddings, attention_dropout=m.attention_dropout, hidden_dropout=m.hidden_dropout
+        )
+        return out
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, float]:
         """Parameters and training FLOPs per token from the Evo 2 model (savanna ``mfu.py``, bionemo):

@@ -10,22 +10,23 @@ layout-invariant :func:`init_param_`. Orientation, as stored:
 
 Blocks of ``C // G`` consecutive channels share one SE/MR filter (``repeat_interleave``, not ``repeat``).
 
-Under context parallelism the filter's ``context_parallel`` callable (set by ``parallelize``) runs
-:meth:`HyenaFilter.gated_conv` over the sequence shards: on halo-extended chunks (FIR filters, ``taps``), or on
-all positions of a slice of the channels (``channels``), which then selects the matching filter rows.
+Under context parallelism (``cp`` set by the parallelize plan) a filter runs :meth:`HyenaFilter.gated_conv` over
+the sequence shards through ``distributed/context_parallel/convolution.py``: on halo-extended chunks (FIR filters,
+``taps``), or on all positions of a slice of the channels (``channels``), which then selects the matching rows.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from torchtitan_hyena.distributed.context_parallel.convolution import gated_conv_on_channels, gated_conv_with_halo
+from torchtitan_hyena.distributed.context_parallel.layout import ChannelSlice, ContextParallel
+from torchtitan_hyena.distributed.utils import clean_fqn
 from torchtitan_hyena.models.common.dtensor import local
-from torchtitan_hyena.models.common.init import InitFn, clean_fqn, constant, init_param_, normal, uniform
-from torchtitan_hyena.models.common.sharding import ChannelSlice
+from torchtitan_hyena.models.common.init import InitFn, constant, init_param_, normal, uniform
 from torchtitan_hyena.models.hyena.args import MR_DECAY_PRESETS
 from torchtitan_hyena.ops.conv import gated_causal_conv
 from torchtitan_hyena.ops.fftconv import gated_fft_conv, gated_modal_fft_conv
@@ -34,7 +35,10 @@ from torchtitan_hyena.ops.fftconv import gated_fft_conv, gated_modal_fft_conv
 class HyenaFilter(nn.Module):
     """Base class: a gated convolution with its own parameters and init rules."""
 
-    context_parallel: Callable[..., Tensor] | None = None  # (filter, q, k, v, skip) -> y over sequence shards
+    # Context parallelism (set by the parallelize plan): the group, and whether the filter runs on all positions of a
+    # slice of the channels (long filters, by all-to-all) rather than on halo-extended sequence shards (FIR).
+    cp: ContextParallel | None = None
+    cp_all_positions: bool = False
 
     @property
     def taps(self) -> int | None:
@@ -48,9 +52,11 @@ class HyenaFilter(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must define gated_conv")
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None) -> Tensor:
-        if self.context_parallel is None:
+        if self.cp is None:
             return self.gated_conv(q, k, v, skip)
-        return self.context_parallel(self, q, k, v, skip)
+        if self.cp_all_positions:
+            return gated_conv_on_channels(self.gated_conv, q, k, v, skip, self.cp)
+        return gated_conv_with_halo(self.gated_conv, q, k, v, skip, self.taps, self.cp)
 
     def init_fns(self) -> dict[str, InitFn]:
         """Init function per parameter name (relative to this module)."""

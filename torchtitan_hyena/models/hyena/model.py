@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchtitan_hyena.distributed.utils import clean_fqn
 from torchtitan_hyena.models.common.dtensor import local
-from torchtitan_hyena.models.common.init import clean_fqn, constant, init_param_, normal, uniform
+from torchtitan_hyena.models.common.init import constant, init_param_, normal, uniform
 from torchtitan_hyena.models.common.mlp import GatedMLP
 from torchtitan_hyena.models.common.norm import RMSNorm
 from torchtitan_hyena.models.common.rope import rope_tables

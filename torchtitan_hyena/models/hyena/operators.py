@@ -7,11 +7,11 @@ channels (whole channel triples, whole filter groups, whole heads) as plain tens
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
+from torchtitan_hyena.distributed.context_parallel.convolution import conv_with_halo
+from torchtitan_hyena.distributed.context_parallel.layout import ContextParallel
 from torchtitan_hyena.models.common.attention import InnerAttention
 from torchtitan_hyena.models.common.dtensor import local
 from torchtitan_hyena.models.common.rope import apply_rope_half
@@ -29,10 +29,10 @@ from torchtitan_hyena.ops.conv import causal_conv
 class ShortConv(nn.Module):
     """Depthwise causal FIR with a (C, K) weight in conv1d order (``weight[:, -1]`` = current token).
 
-    ``context_parallel`` (set by ``parallelize``) runs :meth:`conv` over sequence shards with halos.
+    With ``cp`` (set by the parallelize plan) it runs :meth:`conv` over sequence shards with halos.
     """
 
-    context_parallel: Callable[[nn.Module, Tensor], Tensor] | None = None
+    cp: ContextParallel | None = None
 
     def __init__(self, channels: int, taps: int, conv_impl: str) -> None:
         super().__init__()
@@ -47,7 +47,7 @@ class ShortConv(nn.Module):
         return causal_conv(x, local(self.weight), impl=self.conv_impl)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x) if self.context_parallel is None else self.context_parallel(self, x)
+        return self.conv(x) if self.cp is None else conv_with_halo(self.conv, x, self.taps, self.cp)
 
 
 def build_filter(args: HyenaArgs, kind: str) -> HyenaFilter:

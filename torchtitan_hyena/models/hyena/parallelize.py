@@ -1,4 +1,4 @@
-"""Apply parallelisms to StripedHyena 2, in TorchTitan's order: TP -> CP -> AC -> compile -> FSDP.
+"""StripedHyena 2's parallelize plan (TP, CP, FSDP units) for the shared skeleton, and the layouts it cannot take.
 
 Tensor parallel plan: Megatron TP with sequence parallelism, as for Llama (``distributed/tensor_parallel.py``):
 activations between blocks are sequence shards, norms run on them, and each mixer and MLP all-gathers its
@@ -17,7 +17,8 @@ input once and reduce-scatters its output.
 Context parallel plan (``distributed/context_parallel``, docs/stripedhyena2.md §12): attention as Llama's; the
 featurizer and SE (and by default MR) filters exchange K-1 halo positions; LI (and MR with ``mr_method =
 alltoall``) run on channel shards of the whole sequence, so this rank's channels (D/tp) must split into cp
-slices of whole filter groups.
+slices of whole filter groups. The convolution modules are handed the context-parallel group and call those
+exchanges themselves.
 """
 
 from __future__ import annotations
@@ -28,22 +29,19 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.parallel import PrepareModuleOutput, parallelize_module
 
 from torchtitan_hyena.config import JobConfig
-from torchtitan_hyena.distributed.context_parallel import ContextParallel, build_context_parallel
+from torchtitan_hyena.distributed.context_parallel import ContextParallel
 from torchtitan_hyena.distributed.context_parallel.attention import apply_cp_attention
-from torchtitan_hyena.distributed.context_parallel.hyena import ChannelShardedFilter, HaloConv, HaloFilter
-from torchtitan_hyena.distributed.float8 import is_tensorwise
 from torchtitan_hyena.distributed.parallel_dims import ParallelDims
-from torchtitan_hyena.distributed.parallelize_common import apply_ac_compile_fsdp
+from torchtitan_hyena.distributed.parallelize import FSDPUnits, ParallelizePlan, TPOptions
 from torchtitan_hyena.distributed.tensor_parallel import (
-    block_input_plan,
     check_tp_divisible,
     float8_collectives,
-    linear_styles,
-    maybe_enable_async_tp,
     norm_plan,
     output_plan,
+    prenorm_block_plan,
 )
 from torchtitan_hyena.errors import ConfigError
+from torchtitan_hyena.models.common.attention import InnerAttention
 from torchtitan_hyena.models.common.precision import fp32_modules
 from torchtitan_hyena.models.hyena.args import HyenaArgs
 from torchtitan_hyena.models.hyena.filters import ExplicitSingleDecayFilter
@@ -97,45 +95,29 @@ def check_cp_divisibility(args: HyenaArgs, tp: int, cp: int, parallelism) -> Non
 
 def apply_cp(model: nn.Module, cp: ContextParallel) -> None:
     """Attention as Llama's; halo exchange for the FIR convs, all-to-all for the long ones (module docstring)."""
-    apply_cp_attention(model, cp)
+    apply_cp_attention(model, cp, InnerAttention)
     for block in model.layers.values():
         if block.kind == "*":
             continue
         mixer = block.mixer
-        mixer.featurizer.context_parallel = HaloConv(cp)
-        long = block.kind == "H" or (block.kind == "D" and cp.mr_method == "alltoall")
-        mixer.filter.context_parallel = ChannelShardedFilter(cp) if long else HaloFilter(cp)
+        mixer.featurizer.cp = cp
+        mixer.filter.cp = cp
+        mixer.filter.cp_all_positions = block.kind == "H" or (block.kind == "D" and cp.mr_method == "alltoall")
     logger.info(
         f"applied context parallel (degree {cp.degree}, {cp.rotate_method} attention, Hyena-MR by {cp.mr_method})"
     )
 
 
-def parallelize_hyena(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
-    """Parallelize a meta-device StripedHyena model in place and return it."""
-    validate_hyena_parallelism(model.args, parallel_dims, job_config)
-    if parallel_dims.tp_enabled:
-        tp_mesh = parallel_dims.get_mesh("tp")
-        p = job_config.parallelism
-        compiled = job_config.compile.enable and "model" in job_config.compile.components
-        fp8 = is_tensorwise(job_config.float8)
-        apply_tp(model, tp_mesh, loss_parallel=p.enable_loss_parallel, float8_tensorwise=fp8)
-        maybe_enable_async_tp(p.enable_async_tensor_parallel, compiled, tp_mesh)
-    cp = build_context_parallel(parallel_dims, job_config)
-    if cp is not None:
-        apply_cp(model, cp)
-    # Tied head: the embedding is used first and last, so it stays in the root unit (gathered for the
-    # whole forward; it is tiny at vocab 512). Untied: TorchTitan's embedding / (norm, head) units.
+def fsdp_units(model: nn.Module) -> FSDPUnits:
+    """Tied head: the embedding is used first and last, so it stays in the root unit (gathered for the whole
+    forward; it is tiny at vocab 512). Untied: TorchTitan's embedding / (norm, head) units. LI filters are fp32."""
     tied = model.output is None
-    apply_ac_compile_fsdp(
-        model,
+    return FSDPUnits(
         model.layers,
-        parallel_dims,
-        job_config,
-        first_units=[] if tied else [model.tok_embeddings],
-        last_unit=[] if tied else [model.norm, model.output],
-        fp32_units=fp32_modules(model),
+        first=[] if tied else [model.tok_embeddings],
+        last=[] if tied else [model.norm, model.output],
+        fp32=fp32_modules(model),
     )
-    return model
 
 
 class _ScatterSequence(PrepareModuleOutput):
@@ -154,8 +136,10 @@ def _shard_param(module: nn.Module, name: str, mesh: DeviceMesh) -> None:
     module.register_parameter(name, nn.Parameter(distribute_tensor(param.data, mesh, [Shard(0)])))
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool, float8_tensorwise: bool) -> None:
-    fp8 = float8_collectives(float8_tensorwise, tp_mesh)
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, options: TPOptions) -> None:
+    """The TP plan of the module docstring."""
+    loss_parallel = options.loss_parallel
+    fp8 = float8_collectives(options.float8_tensorwise, tp_mesh)
     tp, rank = tp_mesh.size(), tp_mesh.get_local_rank()
     top = {"tok_embeddings": _ScatterSequence(), "norm": norm_plan()}
     if model.output is not None:
@@ -165,22 +149,18 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool, floa
         gather = PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True)
         parallelize_module(model.norm, tp_mesh, gather)
     for block in model.layers.values():
-        mixer, mlp = block.mixer, block.mlp
+        mixer = block.mixer
         attention = block.kind == "*"
-        proj = "wqkv" if attention else "projections"
-        m_col, m_row, m_prep = linear_styles([getattr(mixer, proj), mixer.out_proj], fp8)
-        f_col, f_row, f_prep = linear_styles([mlp.w1, mlp.w2, mlp.w3], fp8)
-        plan = {
-            "pre_norm": norm_plan(),
-            "mixer": block_input_plan(m_prep, n_extra_args=2 if attention else 0),  # attention: (x, cos, sin)
-            f"mixer.{proj}": m_col(),
-            "mixer.out_proj": m_row(output_layouts=Shard(1)),
-            "post_norm": norm_plan(),
-            "mlp": block_input_plan(f_prep),
-            "mlp.w1": f_col(),
-            "mlp.w2": f_row(output_layouts=Shard(1)),
-            "mlp.w3": f_col(),
-        }
+        plan = prenorm_block_plan(
+            block,
+            norms=("pre_norm", "post_norm"),
+            mixer="mixer",
+            mixer_in=("wqkv" if attention else "projections",),
+            mixer_out="out_proj",
+            mlp="mlp",
+            mixer_extra_args=2 if attention else 0,  # attention: (x, cos, sin)
+            float8=fp8,
+        )
         parallelize_module(block, tp_mesh, plan)
         if attention:
             continue
@@ -201,3 +181,6 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool, floa
         f"applied tensor parallel (degree {tp}) with sequence parallel"
         f"{', loss parallel' if loss_parallel else ''}{', float8 all-gathers' if fp8 else ''}"
     )
+
+
+HYENA_PLAN = ParallelizePlan(apply_tp=apply_tp, apply_cp=apply_cp, fsdp_units=fsdp_units)

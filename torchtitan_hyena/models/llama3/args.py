@@ -1,13 +1,13 @@
-"""Llama 3 hyper-parameters and FLOP count."""
+"""Llama 3 hyper-parameters, the config keys it reads, and its FLOP count."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
-from torchtitan_hyena.models.common.rope import RopeScalingArgs
+from torchtitan_hyena.models.common.rope import ROPE_CONFIG_KEYS, RopeScalingArgs
 from torchtitan_hyena.protocols.model import BaseModelArgs
 
 
@@ -26,11 +26,15 @@ class Llama3Args(RopeScalingArgs, BaseModelArgs):
     depth_init: bool = True
     attention_backend: str = "sdpa"
 
-    def update_from_config(self, job_config: Any) -> None:
-        super().update_from_config(job_config)
+    config_keys: ClassVar[frozenset[str]] = BaseModelArgs.config_keys | ROPE_CONFIG_KEYS | {"attention_backend"}
+
+    def config_overrides(self, job_config: Any) -> dict[str, Any]:
         m = job_config.model
-        self.attention_backend = m.attention_backend
-        self.update_rope_scaling(m)
+        return {
+            **super().config_overrides(job_config),
+            "attention_backend": m.attention_backend,
+            **self.rope_overrides(m),
+        }
 
     @property
     def head_dim(self) -> int:

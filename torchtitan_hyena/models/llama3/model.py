@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torchtitan_hyena.distributed.utils import clean_fqn
 from torchtitan_hyena.models.common.attention import InnerAttention
-from torchtitan_hyena.models.common.init import clean_fqn, constant, init_param_, normal, trunc_normal
+from torchtitan_hyena.models.common.init import constant, init_param_, normal, trunc_normal
 from torchtitan_hyena.models.common.mlp import GatedMLP
 from torchtitan_hyena.models.common.rope import apply_rope_interleaved, rope_tables
 from torchtitan_hyena.models.llama3.args import Llama3Args

@@ -1,4 +1,5 @@
-"""Hyena operators over a context-parallel (load-balanced) sequence (docs/stripedhyena2.md §12).
+"""Causal convolutions over a context-parallel (load-balanced) sequence, as Hyena operators run them
+(docs/stripedhyena2.md §12).
 
 * FIR convolutions (the K=3 featurizer, Hyena-SE K=7, Hyena-MR K=128 by default) need the K-1 positions before
   each local chunk: :func:`fir_with_halo` fetches them point-to-point (``halo_exchange``), runs both chunks as a
@@ -8,10 +9,11 @@
   order), each rank convolves all L positions of its D/N channels with its slice of the filters, and the result
   comes back the same way before the post-gate ``q*``. Only ``k*v`` and the result cross ranks (not q, k, v).
 
-The model's conv modules call these through their ``context_parallel`` attribute, which the model family's
-``parallelize`` sets: :class:`HaloConv` on ungated short convs (``module.conv(x)``, ``module.taps``), and
-:class:`HaloFilter` or :class:`ChannelShardedFilter` on gated filters (``filt.gated_conv(q, k, v, skip,
-channels)``, ``filt.taps``).
+A model's convolution modules call :func:`conv_with_halo`, :func:`gated_conv_with_halo` or
+:func:`gated_conv_on_channels` with their own local convolution once their family's parallelize plan has handed
+them the context-parallel group; the gated convolution is ``conv(q, k, v, skip, channels=None)`` computing
+``q * (h * (k*v) + skip * (k*v))``, where ``channels`` (a :class:`ChannelSlice`) says which channels it holds.
+These regions run eagerly (graph breaks under torch.compile).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from torchtitan_hyena.distributed.context_parallel.collectives import all_to_all, halo_exchange
-from torchtitan_hyena.distributed.context_parallel.layout import ContextParallel, chunk_ids, natural_order
-from torchtitan_hyena.models.common.sharding import ChannelSlice
+from torchtitan_hyena.distributed.context_parallel.layout import ChannelSlice, ContextParallel, chunk_ids, natural_order
+
+GatedConv = Callable[..., Tensor]  # (q, k, v, skip, channels=None) -> q * (h * (k*v) + skip * (k*v))
 
 
 def fir_with_halo(
@@ -63,43 +66,33 @@ def channels_to_sequence(y: Tensor, cp: ContextParallel) -> Tensor:
     return all_to_all(send, cp.group).movedim(0, 2).flatten(2, 3)  # (B, 2c, N, C/N) -> (B, 2c, C)
 
 
-class HaloConv:
-    """Context parallelism of an ungated short conv (the featurizer)."""
-
-    def __init__(self, cp: ContextParallel) -> None:
-        self.cp = cp
-
-    @torch.compiler.disable
-    def __call__(self, module: nn.Module, x: Tensor) -> Tensor:
-        return fir_with_halo(module.conv, [x], [True], module.taps, self.cp)
+@torch.compiler.disable
+def conv_with_halo(conv: Callable[[Tensor], Tensor], x: Tensor, taps: int, cp: ContextParallel) -> Tensor:
+    """An ungated causal FIR (e.g. the featurizer) on this rank's shards, as on the whole sequence."""
+    return fir_with_halo(conv, [x], [True], taps, cp)
 
 
-class HaloFilter:
-    """Context parallelism of an FIR gated filter (SE, MR): k and v get halos, q (post-gate) zeros."""
+@torch.compiler.disable
+def gated_conv_with_halo(
+    conv: GatedConv, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None, taps: int, cp: ContextParallel
+) -> Tensor:
+    """A gated FIR (SE, MR): k and v get halos, q (the post-gate) zeros, since halo outputs are dropped."""
 
-    def __init__(self, cp: ContextParallel) -> None:
-        self.cp = cp
+    def extended(qh: Tensor, kh: Tensor, vh: Tensor) -> Tensor:
+        return conv(qh, kh, vh, skip)
 
-    @torch.compiler.disable
-    def __call__(self, filt: nn.Module, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None) -> Tensor:
-        def conv(qh: Tensor, kh: Tensor, vh: Tensor) -> Tensor:
-            return filt.gated_conv(qh, kh, vh, skip)
-
-        return fir_with_halo(conv, [q, k, v], [False, True, True], filt.taps, self.cp)
+    return fir_with_halo(extended, [q, k, v], [False, True, True], taps, cp)
 
 
-class ChannelShardedFilter:
-    """Context parallelism of a long gated filter (LI, or MR with ``mr_method = alltoall``) by all-to-all."""
-
-    def __init__(self, cp: ContextParallel) -> None:
-        self.cp = cp
-
-    @torch.compiler.disable
-    def __call__(self, filt: nn.Module, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None) -> Tensor:
-        channels = q.shape[-1]
-        per_rank = channels // self.cp.degree
-        part = ChannelSlice(self.cp.rank * per_rank, (self.cp.rank + 1) * per_rank, channels)
-        s = sequence_to_channels(k * v, self.cp)
-        ones = s.new_ones(()).expand_as(s)  # the gates run outside: only k*v and the result cross ranks
-        y = filt.gated_conv(ones, s, ones, None if skip is None else skip[part.start : part.stop], part)
-        return q * channels_to_sequence(y, self.cp)
+@torch.compiler.disable
+def gated_conv_on_channels(
+    conv: GatedConv, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None, cp: ContextParallel
+) -> Tensor:
+    """A long gated convolution (LI, or MR by all-to-all) on all positions of this rank's slice of the channels."""
+    channels = q.shape[-1]
+    per_rank = channels // cp.degree
+    part = ChannelSlice(cp.rank * per_rank, (cp.rank + 1) * per_rank, channels)
+    s = sequence_to_channels(k * v, cp)
+    ones = s.new_ones(()).expand_as(s)  # the gates run outside: only k*v and the result cross ranks
+    y = conv(ones, s, ones, None if skip is None else skip[part.start : part.stop], part)
+    return q * channels_to_sequence(y, cp)

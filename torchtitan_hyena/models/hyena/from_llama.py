@@ -1,4 +1,5 @@
-"""A StripedHyena 2 hybrid seeded from a Llama checkpoint (``llama_to_dcp.py --target hyena``).
+"""A StripedHyena 2 hybrid seeded from a Llama 3 checkpoint: the ``llama3`` state-dict adapter of the hyena family
+(``llama_to_dcp.py --target hyena``; ``convert/llama.py`` reads the Llama's files and writes the DCP).
 
 Hybrid layer i takes Llama layer i's norms and MLP; where the layout has attention (``*``) it also takes
 Llama layer i's attention. Hyena mixers (S, D, H) are left out of the checkpoint: a run seeding from it
@@ -27,18 +28,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from torchtitan_hyena.convert.common import LazyTensor
-from torchtitan_hyena.convert.llama import EMBEDDING_KEYS, LlamaCheckpoint, permute_qk
 from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.models.common.rope import RopeScalingArgs
-from torchtitan_hyena.models.hyena import hyena_flavors
 from torchtitan_hyena.models.hyena.args import HyenaArgs, parse_layout
+from torchtitan_hyena.models.hyena.flavors import hyena_flavors
 from torchtitan_hyena.models.hyena.model import StripedHyena
 from torchtitan_hyena.models.llama3.args import Llama3Args
+from torchtitan_hyena.models.llama3.state_dict_adapter import EMBEDDING_KEYS, permute_qk
+from torchtitan_hyena.protocols.state_dict_adapter import LazyTensor, StateDictAdapter
 from torchtitan_hyena.tools.logging import logger
 
 MODEL_NAME = "hyena"
@@ -100,7 +103,7 @@ def fused_wqkv(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, n_heads: in
     return torch.stack((q, k, v), dim=1).reshape(3 * n_heads * head_dim, dim)
 
 
-def _attention(src: dict[str, LazyTensor], prefix: str, args: Llama3Args) -> dict[str, LazyTensor]:
+def _attention(src: Mapping[str, LazyTensor], prefix: str, args: Llama3Args) -> dict[str, LazyTensor]:
     wq, wk, wv, wo = (src[f"{prefix}attention.{w}.weight"] for w in ("wq", "wk", "wv", "wo"))
     rows = 3 * args.n_heads * args.head_dim
 
@@ -114,20 +117,21 @@ def _attention(src: dict[str, LazyTensor], prefix: str, args: Llama3Args) -> dic
     }
 
 
-def hybrid_tensors(ckpt: LlamaCheckpoint, args: HyenaArgs, keep_embeddings: bool) -> dict[str, LazyTensor]:
-    """The hybrid's tensors taken from the Llama (lazy, as the reader's); Hyena mixers are absent."""
-    src = ckpt.tensors
+def hybrid_tensors(
+    src: Mapping[str, LazyTensor], llama: Llama3Args, args: HyenaArgs, keep_embeddings: bool
+) -> dict[str, LazyTensor]:
+    """The hybrid's tensors taken from the Llama's (lazy, as the reader's); Hyena mixers are absent."""
     out = {"norm.weight": src["norm.weight"]}
     if keep_embeddings:
         out.update({k: src[k] for k in EMBEDDING_KEYS})
     for i, kind in enumerate(args.layout):
-        llama, layer = f"layers.{i}.", {}
-        layer["pre_norm.weight"] = src[f"{llama}attention_norm.weight"]
-        layer["post_norm.weight"] = src[f"{llama}ffn_norm.weight"]
+        prefix, layer = f"layers.{i}.", {}
+        layer["pre_norm.weight"] = src[f"{prefix}attention_norm.weight"]
+        layer["post_norm.weight"] = src[f"{prefix}ffn_norm.weight"]
         for w in ("w1", "w2", "w3"):
-            layer[f"mlp.{w}.weight"] = src[f"{llama}feed_forward.{w}.weight"]
+            layer[f"mlp.{w}.weight"] = src[f"{prefix}feed_forward.{w}.weight"]
         if kind == "*":
-            layer.update(_attention(src, llama, ckpt.args))
+            layer.update(_attention(src, prefix, llama))
         out.update({f"layers.{i}.{k}": t for k, t in layer.items()})
     _check_against_model(out, args, keep_embeddings)
     return out
@@ -178,33 +182,45 @@ def train_flags(args: HyenaArgs, flavor: str) -> list[str]:
     return flags
 
 
-def hybrid_from_llama(
-    ckpt: LlamaCheckpoint, layout: str, keep_embeddings: bool
-) -> tuple[str, HyenaArgs, dict[str, LazyTensor]]:
-    """(flavor label, args, tensors) of the hybrid seeded from ``ckpt``; logs the mapping."""
-    args, flavor = hybrid_args(ckpt.args, layout, keep_embeddings)
-    tensors = hybrid_tensors(ckpt, args, keep_embeddings)
-    la = ckpt.args
-    attention = [i for i, k in enumerate(args.layout) if k == "*"]
-    hyena = [i for i, k in enumerate(args.layout) if k != "*"]
-    gqa = f", KV heads repeated {la.n_heads // la.kv_heads}x (GQA -> MHA)" if la.kv_heads != la.n_heads else ""
-    logger.info(
-        f"hybrid layout {args.layout}: attention of Llama layers {attention}{gqa}; norms and SwiGLU MLPs of all "
-        f"{args.n_layers} layers; Hyena mixers of layers {hyena} are left for a fresh init"
-    )
-    return flavor, args, tensors
+class HybridFromLlama(StateDictAdapter):
+    """The hybrid's tensors from a Llama 3 state dict (see the module docstring); one way only."""
 
+    format = "llama3"
 
-def log_training_hint(args: HyenaArgs, flavor: str, output_dir: str | Path) -> None:
-    """How to start a run from the hybrid: the flags that make the trainer build this model."""
-    if flavor == "custom":
-        logger.warning(
-            f"no hyena flavor has dim {args.dim}, {args.n_heads} heads and MLP width {args.ffn_hidden_dim}: "
-            "register one in torchtitan_hyena/models/hyena/__init__.py to train this hybrid"
+    def __init__(self, args: HyenaArgs, llama: Llama3Args, flavor: str, keep_embeddings: bool) -> None:
+        super().__init__(args)
+        self.llama, self.flavor, self.keep_embeddings = llama, flavor, keep_embeddings
+
+    @classmethod
+    def from_llama(cls, llama: Llama3Args, layout: str, keep_embeddings: bool) -> HybridFromLlama:
+        """The adapter for a hybrid of ``layout`` (Evo 2's striping when empty) seeded from a ``llama``."""
+        args, flavor = hybrid_args(llama, layout, keep_embeddings)
+        return cls(args, llama, flavor, keep_embeddings)
+
+    def from_external(self, tensors: Mapping[str, Any], source: str) -> dict[str, LazyTensor]:
+        """The hybrid's tensors (lazy, as the reader's); logs the mapping."""
+        args, la = self.args, self.llama
+        out = hybrid_tensors(tensors, la, args, self.keep_embeddings)
+        attention = [i for i, k in enumerate(args.layout) if k == "*"]
+        hyena = [i for i, k in enumerate(args.layout) if k != "*"]
+        gqa = f", KV heads repeated {la.n_heads // la.kv_heads}x (GQA -> MHA)" if la.kv_heads != la.n_heads else ""
+        logger.info(
+            f"hybrid layout {args.layout} from {source}: attention of Llama layers {attention}{gqa}; norms and "
+            f"SwiGLU MLPs of all {args.n_layers} layers; Hyena mixers of layers {hyena} are left for a fresh init"
         )
-        return
-    flags = ["--checkpoint.initial_load_path", str(output_dir), *train_flags(args, flavor)]
-    logger.info(f"train it with: {shlex.join(flags)}")
-    eps = hyena_flavors[flavor].norm_eps
-    if eps != args.norm_eps:
-        logger.info(f"(runs of flavor {flavor} use its norm_eps {eps:g}, not the Llama's {args.norm_eps:g})")
+        return out
+
+    def log_training_hint(self, output_dir: str | Path) -> None:
+        """How to start a run from the hybrid: the flags that make the trainer build this model."""
+        args, flavor = self.args, self.flavor
+        if flavor == "custom":
+            logger.warning(
+                f"no hyena flavor has dim {args.dim}, {args.n_heads} heads and MLP width {args.ffn_hidden_dim}: "
+                "register one in torchtitan_hyena/models/hyena/flavors.py to train this hybrid"
+            )
+            return
+        flags = ["--checkpoint.initial_load_path", str(output_dir), *train_flags(args, flavor)]
+        logger.info(f"train it with: {shlex.join(flags)}")
+        eps = hyena_flavors[flavor].norm_eps
+        if eps != args.norm_eps:
+            logger.info(f"(runs of flavor {flavor} use its norm_eps {eps:g}, not the Llama's {args.norm_eps:g})")

@@ -1,0 +1,235 @@
+"""The one set-up path: from a job config (or a checkpoint) to a model ready to run.
+
+    parse (``ConfigManager``: types, choices, config-only checks)
+    -> validate: the model family exists, then the layout and device, then the family's own checks
+    -> process group and device mesh -> process-group warm-up -> context parallelism (built once)
+    -> meta model -> float8 -> the family's parallelize plan -> init (or load)
+
+The trainer, ``evaluate`` and the dry run call :func:`setup` then :func:`build_model`; scoring, generation and
+the converters rebuild a model from a checkpoint's ``model_args.json`` with :func:`load_model` or ask for its
+tensor shapes with :func:`model_shapes`. A model family plugs in through its ``TrainSpec``
+(``protocols/train_spec.py``; README "Adding a model family").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torchtitan_hyena.components.checkpoint import PARTIAL_SEED_FIX, load_model_weights
+from torchtitan_hyena.config import JobConfig
+from torchtitan_hyena.config.job_config import Model
+from torchtitan_hyena.distributed.compile import compiles_model
+from torchtitan_hyena.distributed.context_parallel import ContextParallel, build_context_parallel
+from torchtitan_hyena.distributed.float8 import Accelerator, convert_to_float8, describe_accelerator, validate_float8
+from torchtitan_hyena.distributed.parallel_dims import ParallelDims
+from torchtitan_hyena.distributed.parallelize import parallelize, validate_parallelism
+from torchtitan_hyena.distributed.tensor_parallel import maybe_loss_parallel
+from torchtitan_hyena.distributed.utils import init_distributed, local_device
+from torchtitan_hyena.dtypes import DTYPES
+from torchtitan_hyena.errors import ConfigError
+from torchtitan_hyena.models.common.precision import cast_model_
+from torchtitan_hyena.protocols.model import BaseModelArgs, read_model_args
+from torchtitan_hyena.protocols.train_spec import TrainSpec, available, get_flavor_args, get_train_spec
+from torchtitan_hyena.tools.logging import logger
+
+_ALWAYS_READ = frozenset({"name", "flavor"})  # model.* keys every family reads
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def validate_layout(job_config: JobConfig, parallel_dims: ParallelDims, accelerator: Accelerator) -> None:
+    """Checks that need the parallel degrees and the device (the dry run passes the target device's)."""
+    t = job_config.training
+    if t.global_batch_size > 0 and t.global_batch_size % (t.local_batch_size * parallel_dims.dp_degree):
+        raise ConfigError(
+            f"training.global_batch_size {t.global_batch_size} must be a multiple of local_batch_size "
+            f"{t.local_batch_size} x data-parallel degree {parallel_dims.dp_degree}"
+        )
+    tp, cp = parallel_dims.tp, parallel_dims.cp
+    split = tp * 2 * cp if cp > 1 else tp
+    if t.seq_len % split:
+        raise ConfigError(
+            f"training.seq_len {t.seq_len} must be divisible by {split} "
+            f"(tensor_parallel_degree {tp} x 2 x context_parallel_degree {cp} when CP is on)"
+        )
+    validate_parallelism(job_config, parallel_dims)
+    validate_float8(job_config.float8, parallel_dims, accelerator)
+
+
+def check_model_keys(spec: TrainSpec, model_config: Model) -> None:
+    """A ``model.*`` key the family does not read must keep its default: a set value would be silently ignored."""
+    reads = spec.args_cls.config_keys | _ALWAYS_READ
+    default = Model()
+    for f in dataclasses.fields(Model):
+        value = getattr(model_config, f.name)
+        if f.name in reads or value == getattr(default, f.name):
+            continue
+        users = [n for n in available() if n != spec.name and f.name in get_train_spec(n).args_cls.config_keys]
+        raise ConfigError(
+            f"model.{f.name} = {value!r} is {' / '.join(users) or 'no family'}'s option and model.name "
+            f"{spec.name!r} does not read it; remove it or set model.name to {' / '.join(users) or 'a family'}"
+        )
+
+
+def model_args_from_config(spec: TrainSpec, job_config: JobConfig) -> BaseModelArgs:
+    """The flavor's args with the job config's values: the family's own config checks run here."""
+    check_model_keys(spec, job_config.model)
+    return get_flavor_args(spec, job_config.model.flavor).with_config(job_config)
+
+
+def parallel_dims_from_config(job_config: JobConfig, world_size: int) -> ParallelDims:
+    p = job_config.parallelism
+    return ParallelDims(
+        dp_replicate=p.data_parallel_replicate_degree,
+        dp_shard=p.data_parallel_shard_degree,
+        cp=p.context_parallel_degree,
+        tp=p.tensor_parallel_degree,
+        world_size=world_size,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+@dataclass
+class Setup:
+    """What the layout decides for a run: family, model args, mesh, device, context parallelism; and how a batch
+    runs on it (:meth:`prepare_batch`, :meth:`forward`, :meth:`loss_parallel`, :meth:`loss_group`)."""
+
+    config: JobConfig
+    spec: TrainSpec
+    model_args: BaseModelArgs
+    parallel_dims: ParallelDims
+    device: torch.device
+    cp: ContextParallel | None
+
+    @property
+    def global_batch(self) -> int:
+        t = self.config.training
+        return t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * self.parallel_dims.dp_degree
+
+    def loss_group(self) -> dist.ProcessGroup | None:
+        """The ranks whose tokens one loss averages over (data x context parallel)."""
+        mesh = self.parallel_dims.get_mesh("dp_cp")
+        return None if mesh is None else mesh.get_group()
+
+    def loss_parallel(self) -> contextlib.AbstractContextManager:
+        """Loss parallel (vocab-sharded logits) around forward, loss and backward when enabled (TP only)."""
+        return maybe_loss_parallel(self.config.parallelism.enable_loss_parallel)
+
+    def prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Under context parallelism, this rank's tokens of the batch and their global ``positions``."""
+        return batch if self.cp is None else self.cp.shard_batch(batch)
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of a prepared batch, under autocast when no FSDP wrapper casts (one rank, TP only)."""
+        dtype = self.config.training.mixed_precision_param
+        if self.parallel_dims.fsdp_mesh() is not None or dtype == "float32":
+            amp = contextlib.nullcontext()
+        else:
+            amp = torch.autocast(self.device.type, dtype=DTYPES[dtype])
+        with amp:
+            return model(batch["input"], batch.get("positions"))
+
+
+def setup(
+    job_config: JobConfig, *, device: torch.device | None = None, accelerator: Accelerator | None = None
+) -> Setup:
+    """Validate the job, join the process group (unless one exists, e.g. the dry run's fake one), build the mesh
+    and the context parallelism. ``device``/``accelerator``: what to build on and to judge float8 support by
+    (default: this process's device)."""
+    spec = get_train_spec(job_config.model.name)
+    if not dist.is_initialized():
+        init_distributed(job_config.comm.init_timeout_seconds, job_config.comm.trace_buf_size)
+    parallel_dims = parallel_dims_from_config(job_config, dist.get_world_size())
+    device = device or local_device()
+    validate_layout(job_config, parallel_dims, accelerator or describe_accelerator(device))
+    model_args = model_args_from_config(spec, job_config)
+    if spec.validate_fn is not None:
+        spec.validate_fn(model_args, parallel_dims, job_config)
+    parallel_dims.build_mesh(device.type)
+    cp = build_context_parallel(parallel_dims, job_config)
+    return Setup(job_config, spec, model_args, parallel_dims, device, cp)
+
+
+def build_tokenizer(s: Setup) -> Any:
+    """The data's tokenizer (None for mock data), checked against the model's vocabulary."""
+    tokenizer = s.spec.build_tokenizer_fn(s.config)
+    vocab = s.model_args.vocab_size
+    if tokenizer is not None and tokenizer.vocab_size > vocab:
+        raise ConfigError(
+            f"model.vocab_size {vocab} is smaller than the {s.config.training.dataset} vocabulary "
+            f"({tokenizer.vocab_size}); set model.vocab_size >= {tokenizer.vocab_size}"
+        )
+    return tokenizer
+
+
+def build_dataloader(s: Setup, tokenizer: Any, *, validation: bool = False) -> Any:
+    """This rank's training loader (infinite, shuffled as configured) or validation loader (one pass)."""
+    c, pd = s.config, s.parallel_dims
+    kwargs = dict(tokenizer=tokenizer, vocab_size=s.model_args.vocab_size, dp_rank=pd.dp_rank(), dp_degree=pd.dp_degree)
+    if validation:
+        v = c.validation
+        local = v.local_batch_size if v.local_batch_size > 0 else c.training.local_batch_size
+        return s.spec.build_dataloader_fn(
+            c, split=v.dataset_split, local_batch=local, global_batch=local * pd.dp_degree, shuffle=False,
+            infinite=False, **kwargs,
+        )  # fmt: skip
+    t = c.training
+    return s.spec.build_dataloader_fn(
+        c, split=t.dataset_split, local_batch=t.local_batch_size, global_batch=s.global_batch, shuffle=t.shuffle,
+        infinite=True, **kwargs,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- models
+class BuiltModel(NamedTuple):
+    model: nn.Module
+    nparams: int  # whole model, before sharding
+    flops_per_token: float  # training FLOPs per token, for MFU
+
+
+def meta_model(spec: TrainSpec, args: BaseModelArgs) -> nn.Module:
+    with torch.device("meta"):
+        return spec.model_cls(args)
+
+
+def build_model(s: Setup, *, materialize: bool = True) -> BuiltModel:
+    """Meta model -> float8 -> the family's parallelize plan -> (``materialize``) allocate and initialize."""
+    c, t = s.config, s.config.training
+    model = meta_model(s.spec, s.model_args)
+    if c.float8.enable:  # module swaps happen on the meta model, before parallelization
+        convert_to_float8(model, c.float8, tp_degree=s.parallel_dims.tp, compiled=compiles_model(c.compile))
+    nparams, flops = s.model_args.get_nparams_and_flops(model, t.seq_len)
+    logger.info(f"{c.model.name} {c.model.flavor}: {nparams:,} parameters, {flops:.3e} training FLOPs per token")
+    model = parallelize(model, s.parallel_dims, c, s.cp, s.spec.parallelize_plan)
+    if materialize:
+        model.to_empty(device=torch.device("cpu") if t.enable_cpu_offload else s.device)
+        with torch.no_grad():
+            model.init_weights(buffer_device=s.device if t.enable_cpu_offload else None, seed=t.seed)
+        model.train()
+    return BuiltModel(model, nparams, flops)
+
+
+def model_shapes(name: str, args: BaseModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the state dict of family ``name``'s model with ``args``, and its shape (built on meta)."""
+    return {k: tuple(v.shape) for k, v in meta_model(get_train_spec(name), args).state_dict().items()}
+
+
+def load_model(checkpoint: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model recorded in ``checkpoint/model_args.json`` with its weights, on one process, in eval mode."""
+    path = Path(checkpoint)
+    name, _, values = read_model_args(path)
+    spec = get_train_spec(name)
+    model = meta_model(spec, spec.args_cls.from_dict(values))
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights(buffer_device=device)
+    load_model_weights([model], path, fix=PARTIAL_SEED_FIX)
+    cast_model_(model, dtype)  # modules marked keep_fp32_params (Hyena-LI filters) stay fp32
+    return model.eval()

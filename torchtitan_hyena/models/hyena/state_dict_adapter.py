@@ -1,0 +1,350 @@
+"""Evo 2 / vortex checkpoints to and from the StripedHyena 2 state dict (docs/stripedhyena2.md §8).
+
+A vortex checkpoint is a flat state dict (``blocks.{i}.…``) described by a vortex YAML; the files (one ``.pt``
+or byte shards ``.pt.part0..N``) are ``convert/evo2.py``'s. Conversion renames and reshapes, and changes two
+parametrizations:
+
+* Hyena-MR: vortex stores the product ``h = h_hat * decay``; the model trains ``h_hat`` (savanna), so
+  the adapter divides by the fixed decay (fp64) and multiplies it back on export.
+* Hyena-LI: vortex stores ``log_poles = -exp(p) * exp(gamma)``; only ``p + gamma`` matters, so the
+  adapter sets ``p = fp32(log(-log_poles))`` and lets ``gamma`` carry the fp32 rounding residual,
+  which makes export (computed in fp64) reproduce ``log_poles`` bit for bit.
+
+Round trips are exact for vortex's dtypes (bf16, fp32 LI tensors). TE ``_extra_state`` blobs, RoPE
+``inv_freq`` buffers (checked against the config first) and unknown buffers are dropped with a note.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from torchtitan_hyena.errors import ConfigError, UserError
+from torchtitan_hyena.models.hyena.args import HyenaArgs, layout_from_indices
+from torchtitan_hyena.models.hyena.filters import mr_decay
+from torchtitan_hyena.models.hyena.model import StripedHyena
+from torchtitan_hyena.protocols.state_dict_adapter import LazyTensor, StateDictAdapter
+from torchtitan_hyena.tools.logging import logger
+
+_KIND_INDEX_KEYS = {"*": "attn_layer_idxs", "S": "hcs_layer_idxs", "D": "hcm_layer_idxs", "H": "hcl_layer_idxs"}
+# vortex YAML values this model implements; anything else is a different architecture.
+_FIXED = {
+    "interleave": True,
+    "hyena_flip_x1x2": False,
+    "column_split_hyena": False,
+    "column_split": True,
+    "qkv_proj_bias": False,
+    "mha_out_proj_bias": True,
+    "hyena_out_proj_bias": True,
+    "short_filter_bias": False,
+    "proj_groups": 1,
+    "final_norm": True,
+}
+
+
+# ---------------------------------------------------------------------------------------- key schema
+def _block_entries(args: HyenaArgs, i: int, kind: str) -> list[tuple[str, tuple[int, ...], str, str]]:
+    """(vortex key, vortex shape, model key, transform) of block ``i``."""
+    d, f, g = args.dim, args.ffn_hidden_dim, args.filter_groups
+    v, m = f"blocks.{i}.", f"layers.{i}."
+    rows = [
+        ("pre_norm.scale", (d,), "pre_norm.weight", "copy"),
+        ("post_norm.scale", (d,), "post_norm.weight", "copy"),
+        ("mlp.l1.weight", (f, d), "mlp.w1.weight", "copy"),
+        ("mlp.l2.weight", (f, d), "mlp.w3.weight", "copy"),
+        ("mlp.l3.weight", (d, f), "mlp.w2.weight", "copy"),
+    ]
+    if kind == "*":
+        rows += [
+            ("inner_mha_cls.Wqkv.weight", (3 * d, d), "mixer.wqkv.weight", "copy"),
+            ("inner_mha_cls.out_proj.weight", (d, d), "mixer.out_proj.weight", "copy"),
+            ("inner_mha_cls.out_proj.bias", (d,), "mixer.out_proj.bias", "copy"),
+        ]
+    else:
+        rows += [
+            ("projections.weight", (3 * d, d), "mixer.projections.weight", "copy"),
+            ("filter.short_filter_weight", (3 * d, 1, args.short_filter_len), "mixer.featurizer.weight", "squeeze"),
+            ("out_filter_dense.weight", (d, d), "mixer.out_proj.weight", "copy"),
+            ("out_filter_dense.bias", (d,), "mixer.out_proj.bias", "copy"),
+        ]
+    if kind == "S":
+        rows.append(("filter.h", (g, 1, args.se_filter_len), "mixer.filter.h", "squeeze"))
+    elif kind == "D":
+        rows.append(("filter.h", (g, 1, args.mr_filter_len), "mixer.filter.h_hat", "mr"))
+    elif kind == "H":
+        rows += [
+            ("filter.log_poles", (d, args.state_size, 1), "mixer.filter.p", "log_poles"),
+            ("filter.residues", (d, args.state_size), "mixer.filter.R", "fp32"),
+        ]
+    if kind in "DH":
+        rows.append(("filter.D", (d,), "mixer.D", "copy"))
+    return [(v + a, shape, m + b, t) for a, shape, b, t in rows]
+
+
+def schema(args: HyenaArgs) -> list[tuple[str, tuple[int, ...], str, str]]:
+    """Every required vortex tensor of ``args`` with its model counterpart."""
+    rows = [("embedding_layer.weight", (args.vocab_size, args.dim), "tok_embeddings.weight", "copy")]
+    for i, kind in enumerate(args.layout):
+        rows += _block_entries(args, i, kind)
+    rows.append(("norm.scale", (args.dim,), "norm.weight", "copy"))
+    if not args.tie_embeddings:
+        rows.append(("unembed.weight", (args.vocab_size, args.dim), "output.weight", "copy"))
+    return rows
+
+
+def vortex_inv_freq(args: HyenaArgs) -> torch.Tensor:
+    """flash-attn ``RotaryEmbedding.inv_freq`` as vortex saves it (fp32 arithmetic)."""
+    hd = args.head_dim
+    return 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+
+
+def _decay(args: HyenaArgs) -> torch.Tensor:
+    return mr_decay(args.filter_groups, args.mr_filter_len, args.mr_decay_len, args.mr_decay_preset)
+
+
+def _gamma_key(p_key: str) -> str:
+    return p_key.rsplit(".", 1)[0] + ".gamma"
+
+
+def infer_layout(keys: list[str]) -> str:
+    """Block letters as the weights show them ('?' where a block's type cannot be told)."""
+    blocks: dict[int, set[str]] = {}
+    for key in keys:
+        m = re.match(r"blocks\.(\d+)\.(.+)$", key)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(m.group(2))
+    out = []
+    for i in range(max(blocks, default=-1) + 1):
+        names = blocks.get(i, set())
+        if "inner_mha_cls.Wqkv.weight" in names:
+            out.append("*")
+        elif "filter.log_poles" in names:
+            out.append("H")
+        elif "filter.D" in names:
+            out.append("D")
+        elif "filter.h" in names:
+            out.append("S")
+        else:
+            out.append("?")
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------- checks
+def adopt_rope_base(state: dict[str, Any], args: HyenaArgs, source: str) -> None:
+    """Take the RoPE base from the checkpoint's ``inv_freq`` buffers, the values Evo 2 actually used
+    (the 7B-1M/40B-1M YAMLs once said 1e11 while the weights hold 1e4/1e6)."""
+    for key, value in state.items():
+        if not key.endswith("rotary_emb.inv_freq") or not isinstance(value, torch.Tensor):
+            continue
+        if value.shape != (args.head_dim // 2,):
+            raise UserError(f"{source}: {key} has shape {tuple(value.shape)}; the config's head_dim is {args.head_dim}")
+        if torch.allclose(value.float(), vortex_inv_freq(args), rtol=1e-4):
+            continue
+        base = float(f"{float(value.float()[1]) ** (-args.head_dim / 2):.6g}")
+        configured, args.rope_theta = args.rope_theta, base
+        if not torch.allclose(value.float(), vortex_inv_freq(args), rtol=1e-4):
+            raise UserError(f"{source}: {key} is not a rotary inv_freq of any base (1/base^(2j/d))")
+        logger.warning(
+            f"{source}: RoPE base {base:g} from the checkpoint's inv_freq replaces the config's {configured:g}"
+        )
+
+
+def _check_extras(state: dict[str, Any], known: set[str], source: str) -> None:
+    dropped = [key for key in state if key not in known]
+    if "unembed.weight" in dropped and not torch.equal(state["unembed.weight"], state["embedding_layer.weight"]):
+        raise UserError(f"{source}: unembed.weight differs from the embedding but the config ties them")
+    extra_state = [k for k in dropped if k.endswith("_extra_state")]
+    other = [k for k in dropped if not k.endswith("_extra_state")]
+    if extra_state:
+        logger.info(f"dropped {len(extra_state)} Transformer Engine _extra_state entries (FP8 metadata)")
+    if other:
+        logger.info(f"dropped {len(other)} buffers the model does not keep: {', '.join(other[:6])}")
+
+
+def _check_against_model(tensors: Mapping[str, LazyTensor], args: HyenaArgs) -> None:
+    """The converted tensors must be exactly the model's state dict (guards the key schema)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in StripedHyena(args).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if got != expected:
+        diff = sorted(set(got.items()) ^ set(expected.items()))[:3]
+        raise RuntimeError(f"evo2 conversion schema out of sync with the model: {diff}")
+
+
+# ---------------------------------------------------------------------------------------- adapter
+class VortexAdapter(StateDictAdapter):
+    """vortex (Evo 2) checkpoints: the YAML config and the ``blocks.{i}.…`` state dict."""
+
+    format = "vortex"
+
+    @staticmethod
+    def args_from_config(cfg: dict[str, Any], source: str) -> HyenaArgs:
+        """HyenaArgs from a vortex YAML dict (missing keys read as None, as in vortex)."""
+
+        def need(key: str) -> Any:
+            if cfg.get(key) is None:
+                raise ConfigError(f"{source}: the vortex config has no {key!r}; is it an Evo 2 / StripedHyena 2 YAML?")
+            return cfg[key]
+
+        for key, want in _FIXED.items():
+            if cfg.get(key) is not None and cfg[key] != want:
+                raise ConfigError(f"{source}: {key} = {cfg[key]!r} is not supported (Evo 2 uses {want!r})")
+        dim, n_layers = int(need("hidden_size")), int(need("num_layers"))
+        if cfg.get("num_filters") not in (None, dim):
+            raise ConfigError(f"{source}: num_filters {cfg['num_filters']} must equal hidden_size {dim}")
+        slots: dict[int, str] = {}
+        for kind, key in _KIND_INDEX_KEYS.items():
+            for i in cfg.get(key) or []:
+                if int(i) in slots:
+                    raise ConfigError(f"{source}: layer {i} appears in two of the *_layer_idxs lists")
+                slots[int(i)] = kind
+        layout = layout_from_indices(slots, source)
+        if len(layout) != n_layers:
+            raise ConfigError(
+                f"{source}: the *_layer_idxs lists cover {len(layout)} layers but num_layers is {n_layers}"
+            )
+        groups = int(need("hcs_filter_groups"))
+        if cfg.get("hcm_filter_groups") not in (None, groups):
+            raise ConfigError(f"{source}: hcm_filter_groups {cfg['hcm_filter_groups']} differs from hcs_filter_groups")
+        ffn = cfg.get("inner_mlp_size")
+        if ffn is None:  # vortex fallback: int(2 * D * 4 / 3) rounded up to inner_size_multiple_of
+            multiple = int(cfg.get("inner_size_multiple_of") or 64)
+            ffn = multiple * math.ceil(int(2 * dim * 4 / 3) / multiple)
+        multiple = int(cfg.get("make_vocab_size_divisible_by") or 1)
+        vocab = multiple * math.ceil(int(need("vocab_size")) / multiple)
+        if cfg.get("mlp_activation", "gelu") != "gelu":
+            raise ConfigError(f"{source}: mlp_activation {cfg['mlp_activation']!r} is not supported (Evo 2 uses gelu)")
+        pi = float(cfg.get("rotary_emb_scaling_factor") or 1.0) if cfg.get("use_interpolated_rotary_pos_emb") else 1.0
+        return HyenaArgs(
+            dim=dim,
+            layout=layout,
+            n_heads=int(need("num_attention_heads")),
+            ffn_hidden_dim=int(ffn),
+            vocab_size=vocab,
+            max_seq_len=int(cfg.get("max_seqlen") or 8192),
+            filter_groups=groups,
+            se_filter_len=int(cfg.get("hcs_filter_length") or 7),
+            mr_filter_len=int(cfg.get("hcm_filter_length") or 128),
+            short_filter_len=int(cfg.get("short_filter_length") or 3),
+            state_size=int(cfg.get("state_size") or 16),
+            norm_eps=float(cfg.get("eps") or 1e-6),
+            rope_theta=float(cfg.get("rotary_emb_base") or 10000),
+            rope_pi_factor=pi,
+            tie_embeddings=bool(cfg.get("tie_embeddings", True)),
+            mlp_activation="evo2" if cfg.get("evo2_style_activations") else "gelu",
+        )
+
+    def config(self) -> dict[str, Any]:
+        """A vortex YAML dict for the args (the inverse of :meth:`args_from_config`)."""
+        args = self.args
+        if args.li_filter != "implicit_modal" and "H" in args.layout:
+            raise UserError("vortex has no implicit_freeform LI filter; only implicit_modal models can be exported")
+        if args.mlp_activation == "silu" or args.rope_scaling != "none":
+            raise UserError(
+                f"vortex has no {'SiLU MLPs' if args.mlp_activation == 'silu' else 'Llama-3.1 RoPE scaling'} (a hybrid "
+                "seeded from Llama); export Evo 2 style models only (mlp_activation evo2 or gelu, rope_scaling none)"
+            )
+        cfg: dict[str, Any] = {
+            "model_name": "torchtitan_hyena_export",
+            "vocab_size": args.vocab_size,
+            "hidden_size": args.dim,
+            "num_filters": args.dim,
+            "num_layers": args.n_layers,
+            "num_attention_heads": args.n_heads,
+            "inner_mlp_size": args.ffn_hidden_dim,
+            "short_filter_length": args.short_filter_len,
+            "hcs_filter_length": args.se_filter_len,
+            "hcm_filter_length": args.mr_filter_len,
+            "hcs_filter_groups": args.filter_groups,
+            "hcm_filter_groups": args.filter_groups,
+            "hcl_filter_groups": args.dim,
+            "state_size": args.state_size,
+            "eps": args.norm_eps,
+            "rotary_emb_base": args.rope_theta,
+            "use_interpolated_rotary_pos_emb": args.rope_pi_factor != 1.0,
+            "rotary_emb_scaling_factor": args.rope_pi_factor,
+            "evo2_style_activations": args.mlp_activation == "evo2",
+            "mlp_activation": "gelu",
+            "tie_embeddings": args.tie_embeddings,
+            "max_seqlen": args.max_seq_len,
+            "make_vocab_size_divisible_by": 8 if args.vocab_size % 8 == 0 else 1,
+            **_FIXED,
+        }
+        for kind, key in _KIND_INDEX_KEYS.items():
+            cfg[key] = [i for i, k in enumerate(args.layout) if k == kind]
+        return cfg
+
+    def from_external(self, state: Mapping[str, Any], source: str) -> dict[str, LazyTensor]:
+        """Validate a vortex state dict against the args (whose RoPE base it may correct, see
+        :func:`adopt_rope_base`); return the model's tensors (fp32, model FQNs), read from the source only when written
+        (small filter tensors are converted and checked right away)."""
+        args = self.args
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if not any(k.startswith("blocks.") for k in tensors):
+            raise UserError(f"{source} is not a vortex state dict (no blocks.* tensors); is it an Evo 2 checkpoint?")
+        seen = infer_layout(list(tensors))
+        layers = f"the weights' layers read {seen}, the config's {args.layout}"
+        rows = schema(args)
+        missing = [key for key, *_ in rows if key not in tensors]
+        if missing:
+            hint = f"; {layers}" if seen != args.layout else "; the file is incomplete or for another model"
+            raise UserError(f"{source} lacks {len(missing)} tensor(s) the config needs (first: {missing[0]}){hint}")
+        if seen != args.layout:
+            raise UserError(f"{source} does not match the config: {layers}; use the matching --config")
+        for key, shape, *_ in rows:
+            if tuple(tensors[key].shape) != shape:
+                raise UserError(
+                    f"{source}: {key} has shape {tuple(tensors[key].shape)} but the config expects {shape}; "
+                    "the weights and --config describe different models"
+                )
+        adopt_rope_base(state, args, source)
+        _check_extras(state, {key for key, *_ in rows}, source)
+        decay = _decay(args)
+        out: dict[str, LazyTensor] = {}
+        for key, shape, name, transform in rows:
+            t = tensors[key]
+            if transform == "mr":
+                h_hat = (t.double().squeeze(1) / decay).float()  # small (G, 128): checked now, kept
+                if not torch.isfinite(h_hat).all():
+                    raise UserError(f"{source}: {key} / decay overflows; check the model's mr_decay_len and preset")
+                out[name] = LazyTensor(tuple(h_hat.shape), torch.float32, lambda h=h_hat: h)
+            elif transform == "log_poles":
+                lp = t.double().squeeze(-1)
+                if not (lp < 0).all():
+                    raise UserError(f"{source}: {key} has non-negative log-poles; the LI filter would not decay")
+                x = torch.log(-lp)
+                p = x.float()
+                out[name] = LazyTensor(tuple(p.shape), torch.float32, lambda p=p: p)
+                gamma = (x - p.double()).float()
+                out[_gamma_key(name)] = LazyTensor(tuple(gamma.shape), torch.float32, lambda g=gamma: g)
+            else:  # read from the memory-mapped file only when the writer reaches it
+                model_shape = shape[:1] + shape[2:] if transform == "squeeze" else shape
+                out[name] = LazyTensor(model_shape, torch.float32, lambda t=t, s=model_shape: t.float().reshape(s))
+        _check_against_model(out, args)
+        return out
+
+    def to_external(self, state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """vortex state dict from model tensors: ``dtype`` except fp32 LI filters and RoPE buffers."""
+        args = self.args
+        self.config()  # rejects what vortex cannot express
+        out: dict[str, torch.Tensor] = {}
+        decay = _decay(args)
+        for key, shape, name, transform in schema(args):
+            t = state[name]
+            if transform == "mr":
+                out[key] = (t.double() * decay).to(dtype).reshape(shape)
+            elif transform == "log_poles":
+                p, gamma = t.double(), state[_gamma_key(name)].double()
+                out[key] = (-torch.exp(p + gamma)).float().reshape(shape)
+            elif transform == "fp32":
+                out[key] = t.float().reshape(shape).clone()
+            else:
+                out[key] = t.to(dtype).reshape(shape).clone()
+        for i, kind in enumerate(args.layout):
+            if kind == "*":
+                out[f"blocks.{i}.inner_mha_cls.rotary_emb.inv_freq"] = vortex_inv_freq(args)
+        return out
