@@ -2,11 +2,11 @@
 
     parse (``ConfigManager``: types, choices, config-only checks)
     -> validate: the model family exists, then the layout and device, then the family's own checks
-    -> process group and device mesh -> process-group warm-up -> context parallelism (built once)
+    -> process group and device mesh -> context parallelism (built once)
     -> meta model -> float8 -> the family's parallelize plan -> init (or load)
 
-The trainer, ``evaluate`` and the dry run call :func:`setup` then :func:`build_model`; scoring, generation and
-the converters rebuild a model from a checkpoint's ``model_args.json`` with :func:`load_model` or ask for its
+The trainer, ``evaluate`` and the dry run call :func:`setup` then :func:`build_model`; scoring and the converters
+rebuild a model from a checkpoint's ``model_args.json`` with :func:`load_model` or ask for its
 tensor shapes with :func:`model_shapes`. A model family plugs in through its ``TrainSpec``
 (``protocols/train_spec.py``; README "Adding a model family").
 """

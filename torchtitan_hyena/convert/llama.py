@@ -377,8 +377,9 @@ def dcp_to_llama(
     t0 = time.perf_counter()
     with atomic_output_dir(output_dir, overwrite) as tmp:
         if fmt == "pth":
-            torch.save(_load_tensors(step_dir, stored, dtype), tmp / "consolidated.00.pth")
-            (tmp / "params.json").write_text(json.dumps(MetaAdapter(args).config(), indent=2) + "\n")
+            meta = MetaAdapter(args)
+            torch.save(meta.to_external(_load_tensors(step_dir, stored, dtype), dtype), tmp / "consolidated.00.pth")
+            (tmp / "params.json").write_text(json.dumps(meta.config(), indent=2) + "\n")
         else:
             _write_hf(step_dir, stored, args, dtype, tmp, max_shard_bytes)
         write_model_card(tmp, args, flavor, fmt, dtype, step_dir, repo_name)
