@@ -10,8 +10,8 @@ Comparison: exact where the environment matches the recording one (torch version
 CPU capability, e.g. AVX2): there the runs are bit-identical. Elsewhere the fp32 kernels sum in another order, so
 the check allows relative 1e-4 on the loss and 1e-3 on the gradient norm: over ten times the spread that the
 summation order alone causes (the four layouts, which sum in different orders, differ by up to 8e-6 in the loss and
-7e-5 in the gradient norm over the 20 steps). A real change of the computation (another RoPE base, init or data
-order) moves the loss by far more.
+7e-5 in the gradient norm over the 20 steps). A real change of the computation moves the loss further: even a RoPE
+base of 1e4 instead of 5e5, which hardly matters at 64 tokens, moves Llama's by 2e-3 within 6 steps (a test below).
 
 Refresh on purpose (an intended change of the numbers), then commit the JSON with the change that explains it:
 
@@ -129,8 +129,8 @@ def test_loss_and_grad_norm_match_stored_baseline(curves, model, layout):
 
 
 def test_llama_honours_rope_theta_beyond_the_tolerance(curves):
-    """``--model.rope_theta 10000`` changes a Llama run's loss, by more than the cross-environment tolerance: a real
-    change of the computation is caught even where the comparison is not exact."""
+    """``--model.rope_theta 10000`` changes a Llama run's loss, by more than the cross-environment tolerance: even
+    this small change of the computation is caught where the comparison is not exact."""
     stored = json.loads((BASELINES / "llama3.json").read_text())["layouts"]["one_process"]["loss"]
     losses = curves[("llama3", "rope_theta_1e4")]["losses"]
-    assert max(abs(a - e) / e for a, e in zip(losses, stored)) > 100 * LOSS_RTOL
+    assert max(abs(a - e) / e for a, e in zip(losses, stored)) > 10 * LOSS_RTOL
