@@ -13,6 +13,9 @@ summation order alone causes (the four layouts, which sum in different orders, d
 7e-5 in the gradient norm over the 20 steps). A real change of the computation moves the loss further: even a RoPE
 base of 1e4 instead of 5e5, which hardly matters at 64 tokens, moves Llama's by 2e-3 within 6 steps (a test below).
 
+The same runs check that each layout takes the steps one process takes (within 2e-5 in the loss, 2e-4 in the gradient
+norm), the one-process comparison of plain FSDP 2 and TP 2 for both families.
+
 Refresh on purpose (an intended change of the numbers), then commit the JSON with the change that explains it:
 
     TORCHTITAN_HYENA_UPDATE_BASELINES=1 python -m pytest tests/test_baselines.py
@@ -126,6 +129,15 @@ def test_loss_and_grad_norm_match_stored_baseline(curves, model, layout):
     grad_rtol = 0.0 if exact else GRAD_NORM_RTOL
     assert_curve_matches(f"{model}/{layout} grad norm", run["grad_norms"], stored["grad_norm"], grad_rtol)
     assert stored["loss"][-1] < 0.8 * stored["loss"][0]  # the baseline itself is a run that learns
+
+
+@pytest.mark.parametrize("layout", [layout for layout in LAYOUTS if layout != "one_process"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_layouts_match_one_process(curves, model, layout):
+    """FSDP, TP and CP sum in other orders but take the same steps as one process (spread measured: module doc)."""
+    single, run = curves[(model, "one_process")], curves[(model, layout)]
+    assert_curve_matches(f"{model}/{layout} loss", run["losses"], single["losses"], 2e-5)
+    assert_curve_matches(f"{model}/{layout} grad norm", run["grad_norms"], single["grad_norms"], 2e-4)
 
 
 def test_llama_honours_rope_theta_beyond_the_tolerance(curves):
