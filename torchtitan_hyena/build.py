@@ -2,7 +2,7 @@
 
     parse (``ConfigManager``: types, choices, config-only checks)
     -> validate: the model family exists, then the layout and device, then the family's own checks
-    -> process group and device mesh -> context parallelism (built once)
+    -> process group (joined only once the job is valid) and device mesh -> context parallelism (built once)
     -> meta model -> float8 -> the family's parallelize plan -> init (or load)
 
 The trainer, ``evaluate`` and the dry run call :func:`setup` then :func:`build_model`; scoring and the converters
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -137,24 +138,33 @@ class Setup:
             return model(batch["input"], batch.get("positions"))
 
 
+def validate(job_config: JobConfig, parallel_dims: ParallelDims, accelerator: Accelerator) -> BaseModelArgs:
+    """Every check that needs no process group, data or model, in order: the layout and the device, then the model
+    family's own; returns the model's args. (The config-only checks ran when the config was parsed.)"""
+    spec = get_train_spec(job_config.model.name)
+    validate_layout(job_config, parallel_dims, accelerator)
+    model_args = model_args_from_config(spec, job_config)
+    if spec.validate_fn is not None:
+        spec.validate_fn(model_args, parallel_dims, job_config)
+    return model_args
+
+
 def setup(
     job_config: JobConfig, *, device: torch.device | None = None, accelerator: Accelerator | None = None
 ) -> Setup:
     """Validate the job, join the process group (unless one exists, e.g. the dry run's fake one), build the mesh
     and the context parallelism. ``device``/``accelerator``: what to build on and to judge float8 support by
     (default: this process's device)."""
-    spec = get_train_spec(job_config.model.name)
+    # Known before joining the process group, so every rank rejects a bad job alike and none waits for another.
+    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    parallel_dims = parallel_dims_from_config(job_config, world_size)
+    device = device or local_device()
+    model_args = validate(job_config, parallel_dims, accelerator or describe_accelerator(device))
     if not dist.is_initialized():
         init_distributed(job_config.comm.init_timeout_seconds, job_config.comm.trace_buf_size)
-    parallel_dims = parallel_dims_from_config(job_config, dist.get_world_size())
-    device = device or local_device()
-    validate_layout(job_config, parallel_dims, accelerator or describe_accelerator(device))
-    model_args = model_args_from_config(spec, job_config)
-    if spec.validate_fn is not None:
-        spec.validate_fn(model_args, parallel_dims, job_config)
     parallel_dims.build_mesh(device.type)
     cp = build_context_parallel(parallel_dims, job_config)
-    return Setup(job_config, spec, model_args, parallel_dims, device, cp)
+    return Setup(job_config, get_train_spec(job_config.model.name), model_args, parallel_dims, device, cp)
 
 
 def build_tokenizer(s: Setup) -> Any:
