@@ -3,6 +3,7 @@ with git/configure/make stubbed on PATH; checks the exact configure arguments ea
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -14,7 +15,7 @@ from tests.conftest import REPO, env
 
 SCRIPT = REPO / "aws_ofi_rccl.sh"
 FORK_PIN = "17d41cbf5618536c4b1076d29748416ab307040f"  # ROCm/aws-ofi-rccl, cxi branch head
-UPSTREAM_PIN = "17120adbfd9721f4d0861360b09f05a8d9c5fba4"  # aws/aws-ofi-nccl v1.19.2
+UPSTREAM_URL = "https://github.com/aws/aws-ofi-nccl/releases/download/v1.19.2/aws-ofi-nccl-1.19.2.tar.gz"
 
 # The memory-type read of each source generation (src/nccl_ofi_net.c), as the real revisions have it.
 GUARDED_SOURCE = "#if (HIP_VERSION_MAJOR < 6)\n#  define MEMORY_TYPE_ATTRIBUTE(x) (x).memoryType\n#else\n#endif\n"
@@ -37,6 +38,16 @@ elif [[ $3 == remote ]]; then
 elif [[ $3 == cat-file ]]; then
   exit 1
 fi""",
+    # download: a release tarball of a source tree with the recording configure
+    "curl": r"""echo "$@" >> "$STUB_LOG/curl"
+out=$3; url=$4
+tree=$(mktemp -d) && top=$(basename "$url" .tar.gz) && mkdir -p "$tree/$top"
+printf '#!/usr/bin/env bash\necho "CC=$CC CXX=${CXX:-} CFLAGS=${CFLAGS:-}" > "$STUB_LOG/configure.env"\n' \
+  > "$tree/$top/configure"
+printf 'printf "%%s\\n" "$@" > "$STUB_LOG/configure"\n' >> "$tree/$top/configure"
+chmod +x "$tree/$top/configure"
+tar -czf "$out" -C "$tree" "$top" && rm -rf "$tree"
+""",
     "make": r"""echo "$@" >> "$STUB_LOG/make"
 if [[ $1 == install ]]; then
   prefix=$(sed -n 's/^--prefix=//p' "$STUB_LOG/configure")
@@ -98,8 +109,10 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 def test_pins_are_the_verified_revisions():
     text = SCRIPT.read_text()
     assert "05999f460d2ce00190f4e47364813bd3586a8f95" not in text
-    pins = re.findall(r"PLUGIN_REV=\$\{PLUGIN_REV:-([0-9a-f]{40})\}", text)
-    assert pins == [FORK_PIN, UPSTREAM_PIN]
+    assert re.findall(r"PLUGIN_REV=\$\{PLUGIN_REV:-([0-9a-f]{40})\}", text) == [FORK_PIN]
+    assert (
+        "PLUGIN_VERSION=${PLUGIN_VERSION:-1.19.2}" in text and "LIBFABRIC_VERSION=${LIBFABRIC_VERSION:-2.3.1}" in text
+    )
 
 
 def test_rocm6_builds_the_fork_and_reuses_the_build(build):
@@ -116,7 +129,7 @@ def test_rocm6_builds_the_fork_and_reuses_the_build(build):
     ]  # fmt: skip
     assert build.read("configure.env").split() == ["CC=hipcc", "CXX=", f"CFLAGS=-I{rocm}/include"]
     assert "rocm/6.3.1" in build.read("module")
-    stamp = f"rccl https://github.com/ROCm/aws-ofi-rccl {FORK_PIN} rocm 6.3.1 libfabric 1.22.0"
+    stamp = f"rccl https://github.com/ROCm/aws-ofi-rccl {FORK_PIN} rocm 6.3.1 libfabric 2.3.1"
     assert (build.prefix / "BUILD_INFO").read_text().strip() == stamp
     assert f"export NCCL_NET_PLUGIN={build.prefix}/lib/librccl-net.so" in proc.stdout
 
@@ -127,28 +140,31 @@ def test_rocm6_builds_the_fork_and_reuses_the_build(build):
     assert other.returncode == 0 and "rocm 6.4.1" in (build.prefix / "BUILD_INFO").read_text(), other.stderr
 
 
-def test_rocm7_builds_upstream_against_libfabric_2(build):
+def test_rocm7_builds_upstream_from_its_release_against_libfabric_2(build):
     proc = build.run("7.1.1", HWLOC_PATH="/opt/hwloc")
     assert proc.returncode == 0, proc.stderr
     rocm = build.tmp / "rocm-7.1.1"
-    git = build.read("git")
-    assert "clone --quiet https://github.com/aws/aws-ofi-nccl" in git and f"--detach {UPSTREAM_PIN}" in git
+    tarball = build.tmp / "ofi-upstream-src" / "aws-ofi-nccl-1.19.2.tar.gz"
+    assert build.read("curl").split() == ["-fsSL", "-o", f"{tarball}.part", UPSTREAM_URL] and build.read("git") == ""
     assert build.read("configure").splitlines() == [
         f"--prefix={build.prefix}", f"--with-libfabric={build.fabric}", f"--with-rocm={rocm}",
-        "--with-hwloc=/opt/hwloc", "--disable-tests", "--disable-werror",
+        "--with-hwloc=/opt/hwloc", "--disable-tests",
     ]  # fmt: skip
     assert build.read("configure.env").split() == ["CC=gcc", "CXX=g++", "CFLAGS="]
     assert {"rocm/7.1.1", "gcc-native/14.2"} <= set(build.read("module").split())
-    assert (build.prefix / "BUILD_INFO").read_text().split()[-4:] == ["rocm", "7.1.1", "libfabric", "2.3.1"]
+    assert (build.prefix / "BUILD_INFO").read_text().split() == ["upstream", UPSTREAM_URL, "rocm", "7.1.1",
+                                                                 "libfabric", "2.3.1"]  # fmt: skip
     assert os.readlink(build.prefix / "lib" / "libnccl-net.so") == "librccl-net.so"
-    # the fork's clone is not reused for another repository
-    assert (build.tmp / "ofi-upstream-src").is_dir()
+    digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    assert f"sha256 {digest}" in proc.stdout  # printed, to pin with PLUGIN_SHA256
 
-
-def test_upstream_on_rocm6_when_asked(build):
-    proc = build.run("6.3.1", PLUGIN="upstream", LIBFABRIC_VERSION="1.22.0")
-    assert proc.returncode == 0, proc.stderr
-    assert "--with-rocm=" in build.read("configure") and "--with-hip=" not in build.read("configure")
+    build.reset()
+    (build.prefix / "BUILD_INFO").unlink()  # rebuild from the downloaded tarball, checked against a pinned digest
+    proc = build.run("7.1.1", PLUGIN_SHA256=digest)
+    assert proc.returncode == 0 and build.read("curl") == "", proc.stderr
+    build.reset()
+    error = one_line_error(build.run("7.2.0", PLUGIN_SHA256="0" * 64))
+    assert "does not match PLUGIN_SHA256" in error and build.read("configure") == ""
 
 
 def test_module_path_builds_nothing(build):

@@ -45,6 +45,7 @@ from torchtitan_hyena.distributed.utils import (
     set_determinism,
     set_pg_timeout,
 )
+from torchtitan_hyena.distributed.warmup import warm_up
 from torchtitan_hyena.errors import ConfigError, run_cli
 from torchtitan_hyena.protocols.train_spec import get_flavor_args, get_train_spec
 from torchtitan_hyena.tools import dry_run
@@ -116,6 +117,7 @@ class Trainer:
         if self.rank == 0 and c.job.print_config:
             logger.info("resolved config:\n" + config_table(c))
         pd.build_mesh(self.device.type)
+        warm_up(pd, self.device, c.comm.warmup_timeout_seconds)
         self.cp = build_context_parallel(pd, c)
         set_determinism(c.training.seed, c.training.deterministic)
 

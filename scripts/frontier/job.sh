@@ -8,7 +8,8 @@
 #       layout at full scale (--preflight), then submit this script with sbatch --nodes=<derived>.
 #   sbatch train_X.sh [--preflight] [--section.key value ...]
 #       Inside the job: refuse unless nodes x GPUS_PER_NODE equals the mesh, optionally dry-run, set up modules,
-#       RCCL over libfabric, caches and offline HF, then srun one torchrun per node. SLURM's USR1 (sent 600 s
+#       RCCL over libfabric, caches and offline HF, optionally run the communication check on the allocated nodes
+#       (--preflight: tools/comm_check), then srun one torchrun per node. SLURM's USR1 (sent 600 s
 #       before the time limit: an 8B/131k step on 512 GCDs takes minutes, and the save must fit too) makes the
 #       trainer finish its step, save a checkpoint and exit; the job is then requeued and resumes from that
 #       checkpoint. TERM (scancel) also saves, but does not requeue.

@@ -5,6 +5,10 @@ Layout: ``<dump_folder>/<folder>/step-N/`` holds one DCP checkpoint (model FQNs 
 ``model_args.json`` and ``job_config.json``. A step folder counts only once the completion
 marker ``.complete`` exists; it is written after every rank has finished writing, so a folder
 left by a crash is ignored (with a warning) and never resumed from.
+
+Background (async) saves finish at different moments on different ranks. Whether one is done is
+decided by all ranks together, at a step boundary (an all-reduce of "done" flags), so every rank
+finalizes at the same step and none waits in a collective that the others are not in.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
+from torchtitan_hyena.components import checkpoint_writer
 from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.protocols.model import write_model_args
 from torchtitan_hyena.tools.logging import logger
@@ -140,6 +145,15 @@ def _rank0_decides(decide: Callable[[], T]) -> T:
     return box[0]
 
 
+def _every_rank(flag: bool) -> bool:
+    """True when ``flag`` is true on every rank (a CPU all-reduce on the default group; ``flag`` without one)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    box = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(box, op=dist.ReduceOp.MIN)
+    return bool(box.item())
+
+
 class CheckpointManager:
     """Saves and restores the whole training state through DCP."""
 
@@ -173,7 +187,10 @@ class CheckpointManager:
         self._staging: Future | None = None
         self._async_pg = None
         if self.enabled and config.async_mode != "disabled" and dist.is_initialized():
+            # DCP's collectives run in the background: on a group of their own, apart from the trainer's.
             self._async_pg = dist.new_group(backend="gloo")
+        if self.enabled and config.async_mode == "async_with_pinned_mem":
+            checkpoint_writer.install()
 
     # ------------------------------------------------------------------ load
     def load(self) -> int:
@@ -275,7 +292,7 @@ class CheckpointManager:
         mode = self.config.async_mode if not (last_step or force) else "disabled"
         t0 = time.perf_counter()
         if mode == "disabled":
-            dcp.save(state, checkpoint_id=str(path))
+            dcp.save(state, checkpoint_id=str(path))  # returns on rank 0 once every rank's write reached it
             self._finalize(step, path)
             logger.info(f"saved checkpoint {path} in {time.perf_counter() - t0:.1f}s")
         else:
@@ -306,22 +323,33 @@ class CheckpointManager:
             self._staging = None
 
     def poll(self) -> None:
-        """Finalize a finished background save (marker, purge) without blocking."""
-        if self._pending is not None and self._pending[2].done():
+        """Finalize the background save (marker, purge) once it is written on every rank, without blocking.
+
+        Every rank calls this at the end of every step; while a save is pending the ranks all-reduce their
+        "done" flags, so all of them finalize at the same step (a rank finalizing alone could sit in a
+        collective while the others run the next step's).
+        """
+        if self._pending is not None and _every_rank(self._pending[2].done()):
             self.wait()
 
     def wait(self) -> None:
-        """Block until any background save has finished, then finalize it."""
+        """Block until the background save is written on every rank, then finalize it. Collective: every rank
+        calls it at the same point (a save, the end of training, a stop)."""
         if self._pending is None:
             return
         step, path, future = self._pending
         self._pending = None
-        future.result()
+        error = future.exception()
+        if not _every_rank(error is None):
+            what = f"{type(dcp_error(error)).__name__}: {dcp_error(error)}" if error else "failed on another rank"
+            raise UserError(
+                f"checkpoint {path} could not be written ({str(what).splitlines()[0]}); check free space and "
+                f"permissions under {self.folder}; the previous complete checkpoint is intact"
+            )
         self._finalize(step, path)
 
     def _finalize(self, step: int, path: Path) -> None:
-        if dist.is_initialized():
-            dist.barrier(group=self._async_pg)
+        """Rank 0 completes a step folder that every rank has finished writing (the caller made sure)."""
         if self.rank == 0:
             name, flavor, args = self.model_info
             write_model_args(path, name, flavor, args)
@@ -335,11 +363,18 @@ class CheckpointManager:
             return
         complete = step_folders(self.folder)
         for step in sorted(complete)[:-k]:
+            (complete[step] / COMPLETE_MARKER).unlink()  # first: a purge cut short leaves an incomplete folder
             shutil.rmtree(complete[step], ignore_errors=True)
             logger.info(f"removed old checkpoint {complete[step]} (keep_latest_k = {k})")
 
     def close(self) -> None:
-        self.wait()
+        """Release the checkpoint group. Training waits for its saves before it returns, so a save still pending here
+        means it ended by an error, perhaps on some ranks only: that step is left unmarked (never resumed from)
+        rather than finalized in a collective that not every rank may reach."""
+        if self._pending is not None:
+            logger.warning(f"checkpoint {self._pending[1]} was still being written: left incomplete")
+            self._pending = None
+            return  # its writer may still be using the group
         if self._async_pg is not None:
             dist.destroy_process_group(self._async_pg)
             self._async_pg = None

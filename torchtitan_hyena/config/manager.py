@@ -147,6 +147,7 @@ def validate(config: JobConfig) -> None:
         "parallelism.context_parallel_degree": c.parallelism.context_parallel_degree,
         "comm.init_timeout_seconds": c.comm.init_timeout_seconds,
         "comm.train_timeout_seconds": c.comm.train_timeout_seconds,
+        "comm.warmup_timeout_seconds": c.comm.warmup_timeout_seconds,
     }
     for key, value in positive.items():
         if value <= 0:
