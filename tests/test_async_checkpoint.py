@@ -42,6 +42,58 @@ def test_saving_every_step_in_each_async_mode_finishes_at_4_ranks(tmp_path):
         assert sorted(step_folders(folder / "checkpoint")) == [19, 20]
 
 
+def _poll_with_skewed_completion(rank: int, store: str, out: str) -> None:
+    """Rank 0's background write is done at the first step boundary, rank 1's only two steps later; every step
+    ends with the next step's collective, as training does."""
+    import threading
+    from concurrent.futures import Future
+
+    import torch
+    import torch.distributed as dist
+
+    from torchtitan_hyena.components.checkpoint import CheckpointManager
+    from torchtitan_hyena.config.job_config import Checkpoint
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    manager = CheckpointManager(config=Checkpoint(enable=True, async_mode="async"), dump_folder=Path(out),
+                                model_parts=[], optimizers=None, lr_schedulers=None, dataloader=None,
+                                train_state=None, model_info=("", "", None), job_config_dict={})  # fmt: skip
+    finalized: list[int] = []  # the step boundary of each finalization
+    manager._finalize = lambda step, path: finalized.append(len(boundaries))
+    boundaries: list[int] = []
+    future: Future = Future()
+    if rank == 0:
+        future.set_result(None)
+    else:
+        threading.Timer(1.0, future.set_result, args=(None,)).start()
+    manager._pending = (7, Path(out) / "step-7", future)
+    for boundary in range(6):
+        manager.poll()
+        boundaries.append(boundary)
+        dist.all_reduce(torch.ones(1))  # the next step's collectives
+        time.sleep(0.4)
+    manager.close()
+    Path(f"{out}.{rank}").write_text(json.dumps(finalized))
+    dist.destroy_process_group()
+
+
+def test_ranks_finalize_a_background_save_at_the_same_step_boundary(tmp_path):
+    """A rank whose write finished first must not finalize (and wait in a collective) alone: with per-rank
+    finalizing, rank 0 would sit in the checkpoint barrier while rank 1 waits in the next step's all-reduce."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "finalized")
+    context = mp.spawn(_poll_with_skewed_completion, args=(str(tmp_path / "store"), out), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise AssertionError("the ranks deadlocked")
+    first, second = (json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(2))
+    assert first == second and len(first) == 1 and first[0] >= 2  # once, together, after rank 1's write finished
+
+
 # ------------------------------------------------------------------------------------------ kill -9 loop
 def _free_port() -> int:
     import socket
