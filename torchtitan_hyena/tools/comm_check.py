@@ -89,11 +89,16 @@ def bus_factor(op: str, n: int) -> float:
     return 2 * (n - 1) / n if op == "all_reduce" else (n - 1) / n
 
 
+def message_numel(nbytes: int, n: int) -> int:
+    """fp32 elements of a message of about ``nbytes`` that splits evenly over ``n`` ranks."""
+    return max(n, nbytes // 4 // n * n)
+
+
 def time_op(op: str, group: dist.ProcessGroup, nbytes: int, device: torch.device, iters: int) -> float:
-    """Seconds per call of ``op`` moving ``nbytes`` (all-reduce: the buffer; all-gather: the gathered output;
-    reduce-scatter: the input), the slowest rank of the group's figure."""
+    """Seconds per call of ``op`` on a message of about ``nbytes`` (all-reduce: the buffer; all-gather: the gathered
+    output; reduce-scatter: the input), the slowest rank of the group's figure."""
     n = dist.get_world_size(group)
-    numel = max(n, nbytes // 4 // n * n)
+    numel = message_numel(nbytes, n)
     full, part = torch.ones(numel, device=device), torch.ones(numel // n, device=device)
     calls = {
         "all_reduce": lambda: dist.all_reduce(full, group=group),
@@ -125,18 +130,19 @@ def measure(pd: ParallelDims, device: torch.device, sizes: list[int], iters: int
     dist.all_gather_object(everyone, (socket.gethostname(), mine))
     hosts = [host for host, _ in everyone]
     records = []
-    names, ranks = pd.world_mesh.mesh_dim_names or (), pd.world_mesh.mesh
+    names, mesh = pd.world_mesh.mesh_dim_names or (), pd.world_mesh.mesh
     for dim in names:
         axis = names.index(dim)
-        groups = ranks.movedim(axis, -1).reshape(-1, ranks.shape[axis]).tolist()
-        nodes = max(len({hosts[r] for r in ranks}) for ranks in groups)
+        groups = mesh.movedim(axis, -1).reshape(-1, mesh.shape[axis]).tolist()
+        nodes = max(len({hosts[rank] for rank in members}) for members in groups)
         n = len(groups[0])
         for nbytes in sizes:
+            moved = message_numel(nbytes, n) * 4
             record = {"dimension": dim, "group_size": n, "groups": len(groups), "nodes_per_group": nodes,
-                      "size_bytes": nbytes}  # fmt: skip
+                      "size_bytes": moved}  # fmt: skip
             for i, op in enumerate(OPS):
                 seconds = max(timings[dim, nbytes][i] for _, timings in everyone)
-                algbw = nbytes / seconds / 1e9
+                algbw = moved / seconds / 1e9
                 record[op] = {"seconds": seconds, "algbw_gbps": algbw, "busbw_gbps": algbw * bus_factor(op, n)}
             records.append(record)
     return records
