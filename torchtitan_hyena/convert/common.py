@@ -17,7 +17,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
-from torchtitan_hyena.components.checkpoint import dcp_error
+from torchtitan_hyena.components.dcp_reader import dcp_error
 from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.tools.logging import logger
 

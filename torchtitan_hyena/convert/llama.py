@@ -23,13 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from torchtitan_hyena.components.checkpoint import dcp_error, read_metadata
+from torchtitan_hyena.components.dcp_reader import load_dcp, read_dcp_metadata
 from torchtitan_hyena.convert.common import LazyTensor, atomic_output_dir, save_dcp_streaming, with_progress
 from torchtitan_hyena.convert.hub import write_model_card
 from torchtitan_hyena.convert.llama_config import (
@@ -363,7 +361,7 @@ class _Stored:
 
 def _locate_model_tensors(step_dir: Path, args: Llama3Args) -> dict[str, _Stored]:
     """Where each model tensor sits in the DCP, from its metadata: optimizer and loader state are never read."""
-    meta = read_metadata(step_dir)
+    meta = read_dcp_metadata(step_dir).state_dict_metadata
     expected = expected_shapes(args)
     found = {}
     for key in expected:
@@ -385,16 +383,7 @@ def _locate_model_tensors(step_dir: Path, args: Llama3Args) -> dict[str, _Stored
 def _load_tensors(step_dir: Path, stored: dict[str, _Stored], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Read only the listed tensors (DCP copies into buffers of the requested dtype)."""
     buffers = {s.key: torch.empty(s.shape, dtype=dtype) for s in stored.values()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            dcp.load(buffers, checkpoint_id=str(step_dir), planner=DefaultLoadPlanner(), no_dist=True)
-        except (Exception, CheckpointException) as e:
-            cause = dcp_error(e)
-            if not isinstance(cause, Exception):
-                raise cause from None
-            detail = f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
-            raise UserError(f"could not read the model tensors of {step_dir} ({detail})") from None
+    load_dcp(buffers, step_dir)
     return {k: buffers[s.key] for k, s in stored.items()}
 
 
