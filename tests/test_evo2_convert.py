@@ -249,13 +249,13 @@ def test_config_weights_mismatch_and_bad_files(tmp_path, vortex):
     (tmp_path / "model.safetensors").write_bytes(b"x" * 100)
     cases.append((tmp_path / "model.safetensors", str(cfg), "is not a .pt checkpoint"))
     (tmp_path / "junk.pt").write_bytes(b"not a zip file at all")
-    cases.append((tmp_path / "junk.pt", str(cfg), "is not a complete PyTorch checkpoint"))
+    cases.append((tmp_path / "junk.pt", str(cfg), "not a complete PyTorch checkpoint"))
     shards = tmp_path / "shards"
     shards.mkdir()
     data = pt.read_bytes()
     (shards / "m.pt.part0").write_bytes(data[: len(data) // 2])
     (shards / "m.pt.part1").write_bytes(data[len(data) // 2 : -100])  # truncated last shard
-    cases.append((shards, str(cfg), "is not a complete PyTorch checkpoint"))
+    cases.append((shards, str(cfg), "not a complete PyTorch checkpoint"))
     gap = tmp_path / "gap"
     gap.mkdir()
     (gap / "m.pt.part0").write_bytes(data)

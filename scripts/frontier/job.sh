@@ -7,15 +7,15 @@
 #       Outside SLURM: derive the node count from the config's mesh (with the overrides), optionally dry-run the
 #       layout at full scale (--preflight), then submit this script with sbatch --nodes=<derived>.
 #   sbatch train_X.sh [--preflight] [--section.key value ...]
-#       Inside the job: refuse unless nodes x GPUS_PER_NODE equals the mesh, optionally dry-run, set up modules,
-#       RCCL over libfabric, caches and offline HF, then srun one torchrun per node. SLURM's USR1 (sent 600 s
-#       before the time limit: an 8B/131k step on 512 GCDs takes minutes, and the save must fit too) makes the
-#       trainer finish its step, save a checkpoint and exit; the job is then requeued and resumes from that
-#       checkpoint. TERM (scancel) also saves, but does not requeue.
+#       Inside the job: refuse unless nodes x GPUS_PER_NODE equals the mesh, set up modules, optionally dry-run, run
+#       the trainer's start-up checks once (--check), set up RCCL over libfabric, caches and offline HF, then srun
+#       one torchrun per node. SLURM's USR1 (sent 600 s before the time limit: an 8B/131k step on 512 GCDs takes
+#       minutes, and the save must fit too) makes the trainer finish its step, save a checkpoint and exit; the job
+#       is then requeued and resumes from that checkpoint. TERM (scancel) also saves, but does not requeue.
 #
 # Optional environment: ACCOUNT, PARTITION, TIME (submission), GPUS_PER_NODE (8), PYTHON (python3), VENV (.venv),
 # MODULES, AWS_OFI_RCCL_DIR, CACHE_DIR, HF_HOME, MASTER_PORT, MAX_RESTARTS, SHUTDOWN_TIMEOUT, MAX_REQUEUES,
-# CPUS_PER_TASK, DEVICE (dry-run budget), CHECKPOINT (evaluation), and any NCCL_*/FI_*/TORCH_* override.
+# CPUS_PER_TASK, DEVICE (dry-run and --check target), CHECKPOINT (evaluation), and any NCCL_*/FI_*/TORCH_* override.
 
 die() {
   echo "error: $*" >&2
@@ -90,6 +90,10 @@ if [[ -n $MODULES ]]; then
   module load $MODULES
 fi
 if ((preflight)); then preflight_dry_run; fi
+# Every start-up check of the trainer (config, layout, model, output folders, the checkpoint to seed from), once,
+# before srun starts any rank: a mistake is one line here, not one per rank followed by torchrun's failure report.
+"$PYTHON" -m torchtitan_hyena.train --job.config_file "$CONFIG_FILE" ${entry_args[@]+"${entry_args[@]}"} \
+  ${args[@]+"${args[@]}"} --check --world_size "$world" --device "$DEVICE" || exit 2
 
 # RCCL across nodes through the aws-ofi-rccl libfabric plugin (Slingshot); without it RCCL silently uses TCP.
 AWS_OFI_RCCL_DIR=${AWS_OFI_RCCL_DIR-$REPO/.cache/aws-ofi-rccl}

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchtitan_hyena.components.dcp_reader import load_dcp, read_dcp_metadata
-from torchtitan_hyena.convert.common import LazyTensor, atomic_output_dir, save_dcp_streaming, with_progress
+from torchtitan_hyena.convert.common import LazyTensor, load_torch_file, save_dcp_streaming, with_progress
 from torchtitan_hyena.convert.hub import write_model_card
 from torchtitan_hyena.convert.llama_config import (
     args_from_hf_config,
@@ -40,8 +40,9 @@ from torchtitan_hyena.convert.llama_config import (
 from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.models.llama3.args import Llama3Args
 from torchtitan_hyena.models.llama3.model import Transformer
-from torchtitan_hyena.protocols.model import read_model_args, write_model_args
+from torchtitan_hyena.protocols.model import MODEL_ARGS_FILE, read_model_args, write_model_args
 from torchtitan_hyena.tools.logging import logger
+from torchtitan_hyena.tools.outputs import atomic_output_dir
 
 MODEL_NAME = "llama3"
 EMBEDDING_KEYS = ("tok_embeddings.weight", "output.weight")
@@ -155,10 +156,10 @@ def _check_tensor_set(shapes: dict[str, tuple[int, ...]], args: Llama3Args, wher
 
 
 def _load_pth(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    sd = load_torch_file(path)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{path} does not hold a state dict of tensors; is it a Meta Llama checkpoint shard?")
+    return sd
 
 
 def _merge_dim(key: str, shard_shape: tuple[int, ...], args: Llama3Args) -> int | None:
@@ -444,7 +445,7 @@ def dcp_to_llama(
     name, flavor, values = read_model_args(step_dir)
     if name != MODEL_NAME:
         raise UserError(f"{step_dir} holds a {name!r} model; dcp_to_llama.py exports llama3 checkpoints only")
-    args = Llama3Args.from_dict(values)
+    args = Llama3Args.from_dict(values, str(step_dir / MODEL_ARGS_FILE))
     stored = _locate_model_tensors(step_dir, args)
     if dtype is None:
         dtypes = {s.dtype for s in stored.values()}
