@@ -13,11 +13,13 @@ lazy tensors plus that family's args, written by the same ``save_dcp_streaming``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,13 +250,28 @@ def _hf_weight_files(folder: Path) -> dict[str, Path]:
         raise UserError(f"{folder} has config.json but no .safetensors weights ({found})")
     files = {}
     for p in paths:
-        with safe_open(p, framework="pt") as f:
+        with _safetensors(p) as f:
             files.update(dict.fromkeys(f.keys(), p))
     return files
 
 
+@contextlib.contextmanager
+def _safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open(path)``, with a one-line error for a file that is not (or no longer) valid safetensors."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except UserError:
+        raise
+    except Exception as e:  # SafetensorError (bad header, truncated data), OSError
+        raise UserError(
+            f"cannot read {path}: not a complete safetensors file, truncated or damaged "
+            f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}); download it again"
+        ) from None
+
+
 def _load_hf_tensor(path: Path, name: str, qk_heads: int | None) -> torch.Tensor:
-    with safe_open(path, framework="pt") as f:  # opened per tensor, for the same reason as _load_meta_tensor
+    with _safetensors(path) as f:  # opened per tensor, for the same reason as _load_meta_tensor
         tensor = f.get_tensor(name)
     return tensor if qk_heads is None else permute_qk(tensor, qk_heads, to_hf=False)
 
@@ -269,12 +286,9 @@ def read_hf_checkpoint(folder: Path) -> LlamaCheckpoint:
         key = from_hf_name(name)
         if key is None:
             continue
-        try:
-            with safe_open(path, framework="pt") as f:
-                info = f.get_slice(name)
-                shape, st_dtype = tuple(info.get_shape()), info.get_dtype()
-        except Exception as e:
-            raise UserError(f"cannot read {name} from {path} ({type(e).__name__}: {e})") from None
+        with _safetensors(path) as f:
+            info = f.get_slice(name)
+            shape, st_dtype = tuple(info.get_shape()), info.get_dtype()
         if st_dtype not in _ST_DTYPES:
             raise UserError(f"{path}: {name} is stored as {st_dtype}; only floating-point weights convert")
         heads = _qk_heads(key, args)
