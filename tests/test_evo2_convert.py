@@ -176,12 +176,11 @@ def test_round_trip_scores_match_reference_and_export_is_identical(vortex, tmp_p
 
 
 def read_dcp(path: Path) -> dict[str, torch.Tensor]:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
+    from torchtitan_hyena.components.dcp_reader import load_dcp, read_dcp_metadata
 
-    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    meta = read_dcp_metadata(path).state_dict_metadata
     sd = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()}
-    dcp.load(sd, checkpoint_id=str(path))
+    load_dcp(sd, path)
     return sd
 
 

@@ -3,9 +3,9 @@ future reader): nothing in a checkpoint runs as code, and a damaged folder is on
 
 A DCP folder's ``.metadata`` is a pickle, and torch's ``FileSystemReader`` unpickles it with ``pickle.load``;
 its ``DefaultLoadPlanner`` also unpickles non-tensor entries (optimizer hyper-parameters, train state) with
-``torch.load(weights_only=False)``. Checkpoints travel between people and through the Hub, so here:
+a full ``torch.load``. Checkpoints travel between people and through the Hub, so here:
 
-* ``.metadata`` is read by :func:`~torchtitan_hyena.components.safe_pickle.restricted_load` with an
+* ``.metadata`` is read by :func:`~torchtitan_hyena.components.safe_pickle.restricted_loads` with an
   allow-list of DCP's metadata classes, ``torch.Size``, dtypes, layouts and plain containers, and its
   structure is checked (types, sizes, that every entry has data, that data files are plain names in the
   folder) before anything else uses it;
@@ -160,7 +160,7 @@ def read_dcp_metadata(path: str | Path) -> Metadata:
     """
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"checkpoint {path} does not exist or is not a folder")
+        raise UserError(f"checkpoint {path} does not exist or is not a folder; point at a step-N folder")
     file = path / METADATA_FILE
     if not file.is_file():
         raise UserError(f"checkpoint {path} is not a DCP checkpoint (no {METADATA_FILE}); point at a step-N folder")
@@ -238,6 +238,13 @@ def load_dcp(
         cause = dcp_error(e)
         if isinstance(cause, UserError) or not isinstance(cause, Exception):
             raise cause from None
-        text = str(cause).strip()
-        detail = f"{type(cause).__name__}: {text.splitlines()[0]}" if text else type(cause).__name__
-        raise UserError(f"could not read checkpoint {path} ({detail[:300]}); {fix}") from None
+        raise UserError(f"could not read checkpoint {path} ({short_reason(cause)}); {fix}") from None
+
+
+def short_reason(e: BaseException) -> str:
+    """The gist of a low-level error, for a one-line message (no advice meant for someone else's situation)."""
+    text = str(e).strip()
+    if "Weights only load failed" in text:  # its advice (weights_only=False) is exactly what must not be done
+        return "an entry is not plain tensor data: damaged, or objects that could run code, refused"
+    first = text.splitlines()[0].split(". ")[0] if text else ""
+    return f"{type(e).__name__}: {first[:160]}" if first else type(e).__name__

@@ -13,7 +13,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
-from torchtitan_hyena.components.dcp_reader import dcp_error
+from torchtitan_hyena.components.dcp_reader import dcp_error, short_reason
 from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.tools.logging import logger
 
@@ -27,12 +27,10 @@ def load_torch_file(path: Path, source: str = "", safe_globals: Sequence[type] =
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        text = str(e).strip()
-        if "Weights only load failed" in text:
+        if "Weights only load failed" in str(e):
             reason = "it holds objects other than tensors, and loading them could run code; refused"
         else:
-            first = text.splitlines()[0][:160] if text else type(e).__name__
-            reason = f"not a complete PyTorch checkpoint, truncated or damaged ({first}); download or copy it again"
+            reason = f"not a complete PyTorch checkpoint, truncated or damaged ({short_reason(e)}); download it again"
         raise UserError(f"cannot read {source or path}: {reason}") from None
 
 

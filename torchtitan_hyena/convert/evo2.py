@@ -176,7 +176,7 @@ def load_config(config: str) -> tuple[HyenaArgs, str]:
     try:
         return args_from_vortex_config(cfg, str(path)), f"vortex:{path.name}"
     except (TypeError, ValueError) as e:  # e.g. hidden_size: "big"
-        raise ConfigError(f"--config {config} has a value of the wrong type ({e})") from None
+        raise ConfigError(f"--config {config} has a value of the wrong type ({e}); fix the YAML") from None
 
 
 # ---------------------------------------------------------------------------------------- key schema
@@ -463,7 +463,9 @@ def convert_dcp_to_evo2(
         check_writable_file(path, what, overwrite)
     name, _flavor, values = read_model_args(input_dir)
     if name != "hyena":
-        raise UserError(f"{input_dir} holds a {name!r} model; dcp_to_evo2 exports hyena checkpoints only")
+        raise UserError(
+            f"{input_dir} holds a {name!r} model; dcp_to_evo2 exports hyena checkpoints only (llama3: dcp_to_llama.py)"
+        )
     args = HyenaArgs.from_dict(values, str(Path(input_dir) / MODEL_ARGS_FILE))
     text = yaml.safe_dump(vortex_config_from_args(args), sort_keys=False)
     with torch.device("meta"):

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from torchtitan_hyena.components.dcp_reader import load_dcp, read_dcp_metadata
+from torchtitan_hyena.components.dcp_reader import load_dcp, read_dcp_metadata, short_reason
 from torchtitan_hyena.convert.common import LazyTensor, load_torch_file, save_dcp_streaming, with_progress
 from torchtitan_hyena.convert.hub import write_model_card
 from torchtitan_hyena.convert.llama_config import (
@@ -265,8 +265,8 @@ def _safetensors(path: Path) -> Iterator[Any]:
         raise
     except Exception as e:  # SafetensorError (bad header, truncated data), OSError
         raise UserError(
-            f"cannot read {path}: not a complete safetensors file, truncated or damaged "
-            f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}); download it again"
+            f"cannot read {path}: not a complete safetensors file, truncated or damaged ({short_reason(e)}); "
+            "download it again"
         ) from None
 
 
@@ -458,7 +458,10 @@ def dcp_to_llama(
         raise UserError(f"--format {fmt!r} is not supported; use hf or pth")
     name, flavor, values = read_model_args(step_dir)
     if name != MODEL_NAME:
-        raise UserError(f"{step_dir} holds a {name!r} model; dcp_to_llama.py exports llama3 checkpoints only")
+        raise UserError(
+            f"{step_dir} holds a {name!r} model; dcp_to_llama.py exports llama3 checkpoints only "
+            "(hyena: dcp_to_evo2.py)"
+        )
     args = Llama3Args.from_dict(values, str(step_dir / MODEL_ARGS_FILE))
     stored = _locate_model_tensors(step_dir, args)
     if dtype is None:

@@ -57,12 +57,14 @@ class BaseModelArgs:
         for name, value in values.items():
             ok, converted[name] = _as_type(value, hints[name])
             if not ok:
-                raise UserError(f"{source}: {name} = {value!r} is not a valid {_type_name(hints[name])}")
+                raise UserError(
+                    f"{source}: {name} = {value!r} is not a valid {_type_name(hints[name])}; correct the file"
+                )
         try:
             args = cls(**converted)
             args.validate()
         except ConfigError as e:
-            raise UserError(f"{source}: {e}") from None
+            raise UserError(f"{source}: {e}; correct the file") from None
         return args
 
 
