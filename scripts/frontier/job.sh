@@ -7,8 +7,8 @@
 #       Outside SLURM: derive the node count from the config's mesh (with the overrides), optionally dry-run the
 #       layout at full scale (--preflight), then submit this script with sbatch --nodes=<derived>.
 #   sbatch train_X.sh [--preflight] [--section.key value ...]
-#       Inside the job: refuse unless nodes x GPUS_PER_NODE equals the mesh, set up modules, optionally dry-run, run
-#       the trainer's start-up checks once (--check), set up RCCL over libfabric, caches and offline HF, then srun
+#       Inside the job: refuse unless nodes x GPUS_PER_NODE equals the mesh, set up modules, optionally dry-run, set
+#       up RCCL over libfabric, caches and offline HF, run the trainer's start-up checks once (--check), then srun
 #       one torchrun per node. SLURM's USR1 (sent 600 s before the time limit: an 8B/131k step on 512 GCDs takes
 #       minutes, and the save must fit too) makes the trainer finish its step, save a checkpoint and exit; the job
 #       is then requeued and resumes from that checkpoint. TERM (scancel) also saves, but does not requeue.
@@ -90,10 +90,6 @@ if [[ -n $MODULES ]]; then
   module load $MODULES
 fi
 if ((preflight)); then preflight_dry_run; fi
-# Every start-up check of the trainer (config, layout, model, output folders, the checkpoint to seed from), once,
-# before srun starts any rank: a mistake is one line here, not one per rank followed by torchrun's failure report.
-"$PYTHON" -m torchtitan_hyena.train --job.config_file "$CONFIG_FILE" ${entry_args[@]+"${entry_args[@]}"} \
-  ${args[@]+"${args[@]}"} --check --world_size "$world" --device "$DEVICE" || exit 2
 
 # RCCL across nodes through the aws-ofi-rccl libfabric plugin (Slingshot); without it RCCL silently uses TCP.
 AWS_OFI_RCCL_DIR=${AWS_OFI_RCCL_DIR-$REPO/.cache/aws-ofi-rccl}
@@ -141,6 +137,11 @@ mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 MASTER_ADDR=${hosts[0]}
 MASTER_PORT=${MASTER_PORT:-29500}
 MAX_REQUEUES=${MAX_REQUEUES:-20}
+
+# Every start-up check of the trainer (config, layout, model, output folders, the checkpoint to seed from), once,
+# before srun starts any rank: a mistake is one line here, not one per rank followed by torchrun's failure report.
+"$PYTHON" -m torchtitan_hyena.train --job.config_file "$CONFIG_FILE" ${entry_args[@]+"${entry_args[@]}"} \
+  ${args[@]+"${args[@]}"} --check --world_size "$world" --device "$DEVICE" || exit 2
 
 srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 \
   mkdir -p "$MIOPEN_USER_DB_PATH" "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR" "$PYTORCH_KERNEL_CACHE_PATH"
