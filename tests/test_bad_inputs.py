@@ -218,6 +218,8 @@ CASES: dict[str, Case] = {
                                     "num_hidden_layers = 'six' is not an integer"),
     "llama_truncated_pth": Case("llama_to_dcp", ("--input_dir", "{meta_truncated}", "--output_dir", "{w}/o"),
                                 "not a complete PyTorch checkpoint, truncated or damaged"),
+    "llama_hostile_pth": Case("llama_to_dcp", ("--input_dir", "{meta_hostile}", "--output_dir", "{w}/o"),
+                              "loading them could run code; refused"),
     "llama_params_zero_eps": Case("llama_to_dcp", ("--input_dir", "{meta_zero_eps}", "--output_dir", "{w}/o"),
                                   "norm_eps must be positive"),
     "llama_output_read_only": Case("llama_to_dcp", ("--input_dir", "{hf}", "--output_dir", f"{READ_ONLY}/o"),

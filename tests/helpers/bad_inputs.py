@@ -135,6 +135,10 @@ def llama_sources(root: Path) -> dict[str, Path]:
     data = (bad / "consolidated.00.pth").read_bytes()
     (bad / "consolidated.00.pth").write_bytes(data[: len(data) // 2])
     out["meta_truncated"] = bad
+    bad = root / "meta_hostile"
+    shutil.copytree(meta, bad)
+    torch.save({"tok_embeddings.weight": Canary(root / "CANARY")}, bad / "consolidated.00.pth")
+    out["meta_hostile"] = bad
     bad = root / "meta_zero_eps"
     shutil.copytree(meta, bad)
     (bad / "params.json").write_text(json.dumps({**meta_params_from_args(args), "norm_eps": 0.0}))
