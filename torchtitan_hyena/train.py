@@ -163,7 +163,8 @@ class Trainer:
     def __init__(self, job_config: JobConfig) -> None:
         self.job_config = c = job_config
         init_logger()
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))  # known before joining: every rank rejects alike
+        # Known before joining the process group, so every rank rejects a bad layout alike and none waits for it.
+        world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         self.parallel_dims = pd = parallel_dims_of(c, world_size)
         self.device = local_device()
         self.model_args = validate_job(c, pd, describe_accelerator(self.device))

@@ -61,7 +61,7 @@ def check_model_family(path: Path, model_name: str) -> None:
     hint = (
         "convert the Llama with llama_to_dcp.py --target hyena and seed from its output"
         if (family, model_name) == ("llama3", "hyena")
-        else f"set model.name = {family!r} to use it, or seed from a {model_name} checkpoint"
+        else f"use it with a {family} config (model.name = {family!r}), or seed from a {model_name} checkpoint"
     )
     raise UserError(f"checkpoint {path} holds a {family!r} model but this run trains {model_name!r}; {hint}")
 

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from typing import Any
 
 _unpack = struct.unpack_from
+_uint2 = struct.Struct("<H").unpack_from
+_uint4 = struct.Struct("<I").unpack_from
 
 
 class UnsafePickleError(Exception):
@@ -48,16 +50,12 @@ class _Machine:
         self.allowed = allowed
         self.callables = {id(v) for v in allowed.values() if callable(v)}
         self.classes = {v for v in allowed.values() if isinstance(v, type)}
+        self.setstate = {c: c.__setstate__ for c in self.classes if hasattr(c, "__setstate__")}
 
     def resolve(self, module: Any, name: Any) -> Any:
         if (module, name) not in self.allowed:
             raise UnsafePickleError(f"it refers to {module}.{name}, which is not checkpoint data")
         return self.allowed[(module, name)]
-
-    def call(self, func: Any, args: Any) -> Any:
-        if id(func) not in self.callables or type(args) is not tuple:
-            raise UnsafePickleError(f"it calls {getattr(func, '__qualname__', type(func).__name__)}")
-        return func(*args)
 
     def new(self, cls: Any, args: Any, kwargs: Any = None) -> Any:
         if cls not in self.classes or type(args) is not tuple or type(kwargs) not in (dict, type(None)):
@@ -68,20 +66,19 @@ class _Machine:
         cls = type(inst)
         if cls not in self.classes:  # a class object's type is its metaclass: never in the list
             raise UnsafePickleError(f"it sets the state of a {cls.__qualname__}")
-        setstate = getattr(cls, "__setstate__", None)
+        setstate = self.setstate.get(cls)
         if setstate is not None:
             setstate(inst, state)
             return
         slots = None
         if type(state) is tuple and len(state) == 2:
             state, slots = state
-        for part in (state, slots):
-            if part is not None and not (type(part) is dict and all(type(k) is str for k in part)):
-                raise UnsafePickleError(f"the state of a {cls.__qualname__} is not a dict of names")
+        if type(state) not in (dict, type(None)) or type(slots) not in (dict, type(None)):
+            raise UnsafePickleError(f"the state of a {cls.__qualname__} is not a dict")
         if state:
-            vars(inst).update(state)
+            inst.__dict__.update(state)
         for key, value in (slots or {}).items():
-            object.__setattr__(inst, key, value)
+            object.__setattr__(inst, str(key), value)
 
     def run(self, data: bytes) -> Any:
         """One flat dispatch loop, most frequent opcodes first: the fast way to run a pickle in Python."""
@@ -97,65 +94,78 @@ class _Machine:
             del stack[start:]
             return items
 
+        pop = stack.pop
+        classes, callables = self.classes, self.callables
         while True:
             op = data[pos]
             pos += 1
+            # The opcodes DCP metadata is made of, by frequency; the rest below.
             if op == MEMOIZE:
                 memo[len(memo)] = stack[-1]
             elif op == LONG_BINGET:
-                append(memo[_unpack("<I", data, pos)[0]])
+                append(memo[_uint4(data, pos)[0]])
                 pos += 4
             elif op == BINGET:
                 append(memo[data[pos]])
                 pos += 1
+            elif op == BININT2:
+                append(_uint2(data, pos)[0])
+                pos += 2
+            elif op == BININT1:
+                append(data[pos])
+                pos += 1
+            elif op == MARK:
+                marks.append(len(stack))
             elif op == EMPTY_TUPLE:
                 append(())
             elif op == NEWOBJ:
-                args = stack.pop()
-                stack[-1] = self.new(stack[-1], args)
+                args = pop()
+                cls = stack[-1]
+                if cls not in classes or type(args) is not tuple:
+                    raise UnsafePickleError(f"it creates {getattr(cls, '__qualname__', type(cls).__name__)}")
+                stack[-1] = cls.__new__(cls, *args)
+            elif op == TUPLE1:
+                stack[-1] = (stack[-1],)
+            elif op == BUILD:
+                state = pop()
+                self.build(stack[-1], state)
+            elif op == SETITEMS:
+                items = pop_mark()
+                target = stack[-1]
+                if not isinstance(target, dict) or len(items) % 2:
+                    raise UnsafePickleError(f"it sets items of a {type(target).__name__}")
+                target.update(zip(items[::2], items[1::2]))
+            elif op == EMPTY_DICT:
+                append({})
+            elif op == REDUCE:
+                args = pop()
+                func = stack[-1]
+                if id(func) not in callables or type(args) is not tuple:
+                    raise UnsafePickleError(f"it calls {getattr(func, '__qualname__', type(func).__name__)}")
+                stack[-1] = func(*args)
+            elif op == TUPLE2:
+                last = pop()
+                stack[-1] = (stack[-1], last)
             elif op == SHORT_BINUNICODE:
                 n = data[pos]
                 append(data[pos + 1 : pos + 1 + n].decode("utf-8", "surrogatepass"))
                 pos += 1 + n
-            elif op == MARK:
-                marks.append(len(stack))
-            elif op == BUILD:
-                state = stack.pop()
-                self.build(stack[-1], state)
-            elif op == EMPTY_DICT:
-                append({})
-            elif op in (SETITEMS, SETITEM):
-                if op == SETITEM:
-                    items = stack[-2:]
-                    del stack[-2:]
-                else:
-                    items = pop_mark()
-                if not isinstance(stack[-1], dict) or len(items) % 2:
+            elif op == NONE:
+                append(None)
+            elif op == SETITEM:
+                value, key = pop(), pop()
+                if not isinstance(stack[-1], dict):
                     raise UnsafePickleError(f"it sets items of a {type(stack[-1]).__name__}")
-                target = stack[-1]
-                for i in range(0, len(items), 2):
-                    target[items[i]] = items[i + 1]
-            elif op in (TUPLE1, TUPLE2, TUPLE3):
-                n = 1 if op == TUPLE1 else 2 if op == TUPLE2 else 3
-                if len(stack) < n:
+                stack[-1][key] = value
+            elif op == TUPLE3:
+                if len(stack) < 3:
                     raise IndexError("stack underflow")
-                items = tuple(stack[-n:])
-                del stack[-n:]
+                items = tuple(stack[-3:])
+                del stack[-3:]
                 append(items)
-            elif op == BININT2:
-                append(_unpack("<H", data, pos)[0])
-                pos += 2
             elif op == BININT:
                 append(_unpack("<i", data, pos)[0])
                 pos += 4
-            elif op == BININT1:
-                append(data[pos])
-                pos += 1
-            elif op == REDUCE:
-                args = stack.pop()
-                stack[-1] = self.call(stack[-1], args)
-            elif op == NONE:
-                append(None)
             elif op == NEWFALSE:
                 append(False)
             elif op == NEWTRUE:
@@ -201,7 +211,7 @@ class _Machine:
                     memo[data[pos]] = stack[-1]
                     pos += 1
                 else:
-                    memo[_unpack("<I", data, pos)[0]] = stack[-1]
+                    memo[_uint4(data, pos)[0]] = stack[-1]
                     pos += 4
             elif op == LIST:
                 append(pop_mark())
