@@ -414,7 +414,7 @@ def check(config: JobConfig, flags: dry_run.DryRunFlags) -> None:
     """``--check``: :func:`validate_job` for the launch's world size and device, in this one process."""
     init_logger()
     world_size = flags.world_size or required_world_size(config)
-    device = dry_run.target_accelerator(flags.device) if flags.device_given else describe_accelerator(local_device())
+    device = dry_run.target_accelerator(flags.device) if flags.device else describe_accelerator(local_device())
     validate_job(config, parallel_dims_of(config, world_size), device)
     logger.info(f"{config.job.config_file or 'the config'} passes every start-up check for {world_size} ranks")
 

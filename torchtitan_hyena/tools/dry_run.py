@@ -64,9 +64,8 @@ HELP = """top-level flags (not config keys):
 @dataclass
 class DryRunFlags:
     world_size: int | None = None
-    device: str = "mi250x"
+    device: str | None = None  # None: mi250x for --dry_run, this machine for --check
     check: bool = False  # --check instead of --dry_run
-    device_given: bool = False
 
 
 def split_flags(argv: list[str]) -> tuple[list[str], DryRunFlags | None]:
@@ -103,7 +102,7 @@ def split_flags(argv: list[str]) -> tuple[list[str], DryRunFlags | None]:
             flags.world_size = int(value)
         else:
             device_budget_gib(value)  # validate now
-            flags.device, flags.device_given = value, True
+            flags.device = value
     if not dry:
         if seen:
             raise ConfigError(f"{', '.join(sorted(seen))} only apply with --dry_run or --check")
@@ -424,7 +423,7 @@ def dry_run(config: JobConfig, world_size: int | None = None, device: str = "mi2
 
 def run(config: JobConfig, flags: DryRunFlags) -> MemoryReport:
     """CLI entry: print the report; a layout that cannot fit is a one-line ConfigError naming the fixes."""
-    report = dry_run(config, flags.world_size, flags.device)
+    report = dry_run(config, flags.world_size, flags.device or "mi250x")
     print(report.table(), flush=True)
     if not report.fits:
         raise ConfigError(
