@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,12 +47,10 @@ class Case:
     fragment: str  # must appear in the error line
     ranks: int = 1
     setup: Callable[[Path, dict[str, Path]], None] | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    unset: tuple[str, ...] = ()
+    unset: tuple[str, ...] = ()  # environment variables the CLI must not see
 
 
-def train(*args: str, ranks: int = 1, base: tuple[str, ...] = tuple(TINY), **kw) -> Case:
-    fragment = kw.pop("fragment")
+def train(*args: str, fragment: str, ranks: int = 1, base: tuple[str, ...] = tuple(TINY), **kw) -> Case:
     return Case("train", (*base, "--job.dump_folder", "{w}/run", *args), fragment, ranks, **kw)
 
 
@@ -329,7 +327,7 @@ def snapshot(root: Path) -> dict[str, int]:
 def run_case(case: Case, args: list[str], work: Path, zygote) -> tuple[list[int], list[str]]:
     """(exit codes, output of each rank/worker) of one case."""
     if case.cli in CLIS:
-        request = {**CLIS[case.cli], "argv": args, "cwd": str(REPO), "env": case.env, "unset": list(case.unset),
+        request = {**CLIS[case.cli], "argv": args, "cwd": str(REPO), "unset": list(case.unset),
                    "ranks": case.ranks, "log": str(work.parent / "log"), "timeout": 300}  # fmt: skip
         zygote.stdin.write(json.dumps(request) + "\n")
         zygote.stdin.flush()
@@ -337,7 +335,7 @@ def run_case(case: Case, args: list[str], work: Path, zygote) -> tuple[list[int]
         assert not reply["timed_out"], "the case hung"
         logs = [(work.parent / f"log.{r}").read_text() for r in range(case.ranks)]
         return reply["returncodes"], logs
-    e = {**env(), **case.env, "NGPU": "2", "CONFIG_FILE": TINY[1], "PYTHON": sys.executable}
+    e = {**env(), "NGPU": "2", "CONFIG_FILE": TINY[1], "PYTHON": sys.executable}
     if case.cli == "run_train.sh":
         cmd = ["bash", str(REPO / "run_train.sh"), *TINY[2:], "--job.dump_folder", str(work / "run"), *args]
     else:
