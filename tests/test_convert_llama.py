@@ -138,7 +138,9 @@ def test_neural_pile_8b_131k_exports_to_an_equivalent_hf_config():
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE type 'yarn' is not supported"),
         ({"head_dim": 64}, "head_dim 64"),
-        ({"num_key_value_heads": 5}, "do not form a Llama"),
+        ({"num_key_value_heads": 5}, "n_kv_heads 5 must divide n_heads"),
+        ({"rms_norm_eps": 0}, "norm_eps must be positive"),
+        ({"hidden_size": "4096"}, "hidden_size = '4096' is not an integer"),
     ],
 )
 def test_unsupported_hf_configs_are_rejected(change, message):

@@ -176,12 +176,11 @@ def test_round_trip_scores_match_reference_and_export_is_identical(vortex, tmp_p
 
 
 def read_dcp(path: Path) -> dict[str, torch.Tensor]:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
+    from torchtitan_hyena.components.dcp_reader import load_dcp, read_dcp_metadata
 
-    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    meta = read_dcp_metadata(path).state_dict_metadata
     sd = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()}
-    dcp.load(sd, checkpoint_id=str(path))
+    load_dcp(sd, path)
     return sd
 
 
@@ -249,13 +248,13 @@ def test_config_weights_mismatch_and_bad_files(tmp_path, vortex):
     (tmp_path / "model.safetensors").write_bytes(b"x" * 100)
     cases.append((tmp_path / "model.safetensors", str(cfg), "is not a .pt checkpoint"))
     (tmp_path / "junk.pt").write_bytes(b"not a zip file at all")
-    cases.append((tmp_path / "junk.pt", str(cfg), "is not a complete PyTorch checkpoint"))
+    cases.append((tmp_path / "junk.pt", str(cfg), "not a complete PyTorch checkpoint"))
     shards = tmp_path / "shards"
     shards.mkdir()
     data = pt.read_bytes()
     (shards / "m.pt.part0").write_bytes(data[: len(data) // 2])
     (shards / "m.pt.part1").write_bytes(data[len(data) // 2 : -100])  # truncated last shard
-    cases.append((shards, str(cfg), "is not a complete PyTorch checkpoint"))
+    cases.append((shards, str(cfg), "not a complete PyTorch checkpoint"))
     gap = tmp_path / "gap"
     gap.mkdir()
     (gap / "m.pt.part0").write_bytes(data)

@@ -137,6 +137,21 @@ def slurm(tmp_path):
     return Slurm()
 
 
+def fake_checkpoint(folder: Path, family: str) -> Path:
+    """The smallest folder the job's start-up check accepts as a checkpoint of ``family`` (a seed, or to evaluate)."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    if not folder.exists():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"w": torch.zeros(2)}, checkpoint_id=str(folder), no_dist=True)
+        (folder / "model_args.json").write_text(f'{{"model_name": "{family}", "flavor": "", "args": {{}}}}')
+    return folder
+
+
 def one_line_error(proc) -> str:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -188,9 +203,12 @@ def test_job_launches_one_torchrun_per_node(slurm, script):
         config = str(standin_config(slurm.tmp, nodes))
         extra["CONFIG_FILE"] = config
     evaluate = script.name.startswith("evaluate_")
+    parsed = ConfigManager().parse_args(["--job.config_file", str(REPO / config)])
+    checkpoint = fake_checkpoint(slurm.tmp / "ckpt", parsed.model.name)  # the start-up check reads it
+    seed = ["--checkpoint.initial_load_path", str(checkpoint)] if parsed.checkpoint.initial_load_path else []
     if evaluate:
-        extra["CHECKPOINT"] = str(slurm.tmp)
-    proc = slurm.run(script, "--training.steps", "7", nodes=nodes, **extra)
+        extra["CHECKPOINT"] = str(checkpoint)
+    proc = slurm.run(script, "--training.steps", "7", *seed, nodes=nodes, **extra)
     assert proc.returncode == 0, proc.stderr
 
     (mkdir, _), (launch, environ) = slurm.srun_calls()
@@ -203,9 +221,9 @@ def test_job_launches_one_torchrun_per_node(slurm, script):
                 "--rdzv_id=777", "--rdzv_endpoint=frontier00001:29500", "-m", module,
                 "--job.config_file", config]  # fmt: skip
     if evaluate:
-        expected += ["--checkpoint.initial_load_path", str(slurm.tmp), "--validation.steps", "-1",
+        expected += ["--checkpoint.initial_load_path", str(checkpoint), "--validation.steps", "-1",
                      "--job.dump_folder", f"./outputs_eval/{Path(config).stem}"]  # fmt: skip
-    assert torchrun == [*expected, "--training.steps", "7"]
+    assert torchrun == [*expected, "--training.steps", "7", *seed]
 
     assert environ["LD_LIBRARY_PATH"].split(os.pathsep)[0] == str(slurm.plugin / "lib")
     assert environ["NCCL_NET_PLUGIN"] == str(slurm.plugin / "lib" / "librccl-net.so")
@@ -294,6 +312,11 @@ def test_job_refuses_an_allocation_that_does_not_match_the_mesh(slurm):
     assert "unknown config key training.stepz" in error
     error = one_line_error(slurm.run(REPO / "evaluate_rodent_8B_131k.sh", nodes=64))
     assert "set CHECKPOINT" in error
+    # the trainer's start-up checks run once, in the job's shell, before srun starts any rank
+    error = one_line_error(slurm.run(REPO / "evaluate_rodent_8B_131k.sh", nodes=64, CHECKPOINT=str(slurm.tmp)))
+    assert f"checkpoint {slurm.tmp} is not a DCP checkpoint" in error
+    error = one_line_error(slurm.run(script, "--training.seq_len", "131073", nodes=64))
+    assert "training.seq_len 131073 must be divisible by 8" in error
     assert slurm.srun_calls() == []  # nothing was launched
 
 

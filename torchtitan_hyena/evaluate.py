@@ -23,7 +23,7 @@ from torchtitan_hyena.components.checkpoint import load_model_weights
 from torchtitan_hyena.config import ConfigManager
 from torchtitan_hyena.errors import UserError, run_cli
 from torchtitan_hyena.tools.logging import logger
-from torchtitan_hyena.train import Trainer
+from torchtitan_hyena.train import Trainer, remove_if_created
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,9 +34,15 @@ def main(argv: list[str] | None = None) -> dict:
     config.checkpoint.enable = False  # evaluate exactly these weights: never resume, never save
     config.validation.enable = True
     trainer = None
+    dump = Path(config.job.dump_folder)
+    created = not dump.exists()
     try:
-        trainer = Trainer(config)
-        load_model_weights(trainer.model_parts, Path(path), strict_shapes=True)
+        try:
+            trainer = Trainer(config)
+            load_model_weights(trainer.model_parts, Path(path), strict_shapes=True)
+        except BaseException:
+            remove_if_created(dump, created)
+            raise
         loss, tokens = trainer.validator.validate(trainer.model_parts[0], trainer.forward)
         match = re.fullmatch(r"step-(\d+)", Path(path).name)
         record = {

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from torchtitan_hyena.components.checkpoint import CheckpointManager
+from torchtitan_hyena.components.checkpoint import CheckpointManager, check_model_family, step_folders
 from torchtitan_hyena.components.dataloader import batch_to_device
 from torchtitan_hyena.components.datasets.base import IGNORE_INDEX
 from torchtitan_hyena.components.datasets.dna_targets import LossShaping
+from torchtitan_hyena.components.dcp_reader import read_dcp_metadata
 from torchtitan_hyena.components.metrics import MetricsProcessor
 from torchtitan_hyena.components.resilience import EXIT_PREEMPTED, NonFiniteGuard, StopSignals
 from torchtitan_hyena.components.validate import Validator
@@ -47,11 +50,14 @@ from torchtitan_hyena.distributed.utils import (
 )
 from torchtitan_hyena.distributed.warmup import warm_up
 from torchtitan_hyena.errors import ConfigError, run_cli
+from torchtitan_hyena.protocols.model import BaseModelArgs
 from torchtitan_hyena.protocols.train_spec import get_flavor_args, get_train_spec
 from torchtitan_hyena.tools import dry_run
 from torchtitan_hyena.tools.flops import get_peak_flops
 from torchtitan_hyena.tools.logging import init_logger, logger
+from torchtitan_hyena.tools.outputs import check_writable_dir
 from torchtitan_hyena.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
+from torchtitan_hyena.tools.world_size import required_world_size
 
 
 def validate_layout(job_config: JobConfig, parallel_dims: ParallelDims, accelerator: Accelerator) -> None:
@@ -72,6 +78,51 @@ def validate_layout(job_config: JobConfig, parallel_dims: ParallelDims, accelera
         )
     validate_parallelism(job_config, parallel_dims)
     validate_float8(job_config.float8, parallel_dims, accelerator)
+    comp = job_config.compile
+    if comp.enable and comp.backend not in torch.compiler.list_backends(exclude_tags=()):
+        raise ConfigError(
+            f"compile.backend {comp.backend!r} is not a torch.compile backend; use inductor (default), "
+            f"aot_eager or eager (available: {', '.join(torch.compiler.list_backends())})"
+        )
+    if (
+        job_config.model.conv_impl == "triton"
+        and accelerator.kind == "cpu"
+        and os.environ.get("TRITON_INTERPRET") != "1"
+    ):
+        raise ConfigError(
+            "model.conv_impl = triton needs a GPU; on CPU use auto or torch (or set TRITON_INTERPRET=1 before start-up "
+            "to run the Triton interpreter, slow, for tests)"
+        )
+
+
+def validate_job(job_config: JobConfig, parallel_dims: ParallelDims, accelerator: Accelerator) -> BaseModelArgs:
+    """Every check that needs no process group, data or model, in one process; returns the model's args.
+
+    The trainer runs it on every rank before joining the process group (each rank rejects a bad config alike,
+    and one line reaches the user); ``--check`` runs it once before a launcher starts any rank (run_train.sh,
+    the Frontier job scripts).
+    """
+    c = job_config
+    validate_layout(c, parallel_dims, accelerator)
+    spec = get_train_spec(c.model.name)
+    model_args = get_flavor_args(spec, c.model.flavor)
+    model_args.update_from_config(c)
+    if spec.validate_fn is not None:
+        spec.validate_fn(model_args, parallel_dims, c)
+    dump = Path(c.job.dump_folder)
+    check_writable_dir(dump, "job.dump_folder")
+    for key, folder, used in (
+        ("metrics.save_tb_folder", c.metrics.save_tb_folder, c.metrics.enable_tensorboard),
+        ("checkpoint.folder", c.checkpoint.folder, c.checkpoint.enable),
+        ("profiling.save_traces_folder", c.profiling.save_traces_folder, c.profiling.enable_profiling),
+    ):
+        if used:
+            check_writable_dir(dump / folder, key)
+    seed = c.checkpoint.initial_load_path
+    if seed and not (c.checkpoint.enable and step_folders(dump / c.checkpoint.folder)):  # a resume ignores the seed
+        check_model_family(Path(seed), c.model.name)
+        read_dcp_metadata(seed)  # refuses unsafe or damaged checkpoints before any rank builds anything
+    return model_args
 
 
 def convert_model(model: torch.nn.Module, job_config: JobConfig, parallel_dims: ParallelDims) -> None:
@@ -80,6 +131,18 @@ def convert_model(model: torch.nn.Module, job_config: JobConfig, parallel_dims: 
     if f8.enable:
         compiled = job_config.compile.enable and "model" in job_config.compile.components
         convert_to_float8(model, f8, tp_degree=parallel_dims.tp, compiled=compiled)
+
+
+def parallel_dims_of(job_config: JobConfig, world_size: int) -> ParallelDims:
+    """The config's parallel degrees for ``world_size`` ranks (rejects degrees that do not multiply to it)."""
+    p = job_config.parallelism
+    return ParallelDims(
+        dp_replicate=p.data_parallel_replicate_degree,
+        dp_shard=p.data_parallel_shard_degree,
+        cp=p.context_parallel_degree,
+        tp=p.tensor_parallel_degree,
+        world_size=world_size,
+    )
 
 
 class TrainState:
@@ -101,19 +164,13 @@ class Trainer:
     def __init__(self, job_config: JobConfig) -> None:
         self.job_config = c = job_config
         init_logger()
+        # Known before joining the process group, so every rank rejects a bad layout alike and none waits for it.
+        world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        self.parallel_dims = pd = parallel_dims_of(c, world_size)
+        self.device = local_device()
+        self.model_args = validate_job(c, pd, describe_accelerator(self.device))
         init_distributed(c.comm.init_timeout_seconds, c.comm.trace_buf_size)
         self.rank = dist.get_rank()
-        world_size = dist.get_world_size()
-        p = c.parallelism
-        self.parallel_dims = pd = ParallelDims(
-            dp_replicate=p.data_parallel_replicate_degree,
-            dp_shard=p.data_parallel_shard_degree,
-            cp=p.context_parallel_degree,
-            tp=p.tensor_parallel_degree,
-            world_size=world_size,
-        )
-        self.device = local_device()
-        self._validate_against_layout()
         if self.rank == 0 and c.job.print_config:
             logger.info("resolved config:\n" + config_table(c))
         pd.build_mesh(self.device.type)
@@ -121,12 +178,8 @@ class Trainer:
         self.cp = build_context_parallel(pd, c)
         set_determinism(c.training.seed, c.training.deterministic)
 
-        # Model spec, tokenizer, data: everything that can reject user input comes before the model.
+        # Tokenizer, data: everything else that can reject user input comes before the model.
         self.train_spec = spec = get_train_spec(c.model.name)
-        self.model_args = get_flavor_args(spec, c.model.flavor)
-        self.model_args.update_from_config(c)
-        if spec.validate_fn is not None:
-            spec.validate_fn(self.model_args, pd, c)
         tokenizer = spec.build_tokenizer_fn(c)
         if tokenizer is not None and tokenizer.vocab_size > self.model_args.vocab_size:
             raise ConfigError(
@@ -227,9 +280,6 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ set-up helpers
-    def _validate_against_layout(self) -> None:
-        validate_layout(self.job_config, self.parallel_dims, describe_accelerator(self.device))
-
     def _convert_model(self, model: torch.nn.Module) -> None:
         convert_model(model, self.job_config, self.parallel_dims)
 
@@ -362,18 +412,42 @@ class Trainer:
         self.metrics.close()
 
 
+def check(config: JobConfig, flags: dry_run.DryRunFlags) -> None:
+    """``--check``: :func:`validate_job` for the launch's world size and device, in this one process."""
+    init_logger()
+    world_size = flags.world_size or required_world_size(config)
+    device = dry_run.target_accelerator(flags.device) if flags.device else describe_accelerator(local_device())
+    validate_job(config, parallel_dims_of(config, world_size), device)
+    logger.info(f"{config.job.config_file or 'the config'} passes every start-up check for {world_size} ranks")
+
+
+def remove_if_created(folder: Path, created: bool) -> None:
+    """After a failed set-up, remove the output folder this run created (rank 0, for the job): no empty runs left."""
+    if created and os.environ.get("RANK", "0") == "0":
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
         print(dry_run.HELP + "\n")
     argv, dry_run_flags = dry_run.split_flags(argv)
     config = ConfigManager().parse_args(argv)
+    if dry_run_flags is not None and dry_run_flags.check:
+        check(config, dry_run_flags)
+        return
     if dry_run_flags is not None:
         dry_run.run(config, dry_run_flags)
         return
     trainer = None
+    dump = Path(config.job.dump_folder)
+    created = not dump.exists()
     try:
-        trainer = Trainer(config)
+        try:
+            trainer = Trainer(config)
+        except BaseException:
+            remove_if_created(dump, created)
+            raise
         trainer.train()
     finally:
         if trainer is not None:

@@ -7,18 +7,18 @@
 #       Outside SLURM: derive the node count from the config's mesh (with the overrides), optionally dry-run the
 #       layout at full scale (--preflight), then submit this script with sbatch --nodes=<derived>.
 #   sbatch train_X.sh [--preflight] [--section.key value ...]
-#       Inside the job: refuse unless nodes x GPUS_PER_NODE equals the mesh, optionally dry-run, set up modules,
-#       RCCL over libfabric, caches and offline HF, optionally run the communication check on the allocated nodes
-#       (--preflight: tools/comm_check), then srun one torchrun per node. SLURM's USR1 (sent 600 s
-#       before the time limit: an 8B/131k step on 512 GCDs takes minutes, and the save must fit too) makes the
-#       trainer finish its step, save a checkpoint and exit; the job is then requeued and resumes from that
-#       checkpoint. TERM (scancel) also saves, but does not requeue.
+#       Inside the job: refuse unless nodes x GPUS_PER_NODE equals the mesh, set up modules, optionally dry-run, set
+#       up RCCL over libfabric, caches and offline HF, optionally run the communication check on the allocated nodes
+#       (--preflight: tools/comm_check), run the trainer's start-up checks once (--check), then srun one torchrun
+#       per node. SLURM's USR1 (sent 600 s before the time limit: an 8B/131k step on 512 GCDs takes minutes, and the
+#       save must fit too) makes the trainer finish its step, save a checkpoint and exit; the job is then requeued
+#       and resumes from that checkpoint. TERM (scancel) also saves, but does not requeue.
 #
 # Optional environment: ACCOUNT, PARTITION, TIME (submission), GPUS_PER_NODE (8), PYTHON (python3), VENV (.venv),
 # ROCM_VERSION (6.3.1), MODULES, PLUGIN (module: the site's rccl-net-plugin module; otherwise the plugin that
 # aws_ofi_rccl.sh built in AWS_OFI_RCCL_DIR), CACHE_DIR, HF_HOME, MASTER_PORT, MAX_RESTARTS, SHUTDOWN_TIMEOUT,
-# MAX_REQUEUES, CPUS_PER_TASK, DEVICE (dry-run budget), COMM_CHECK_MIN_GBPS (preflight), CHECKPOINT (evaluation),
-# and any NCCL_*/FI_*/HSA_*/TORCH_* override.
+# MAX_REQUEUES, CPUS_PER_TASK, DEVICE (dry-run and --check target), COMM_CHECK_MIN_GBPS (preflight), CHECKPOINT
+# (evaluation), and any NCCL_*/FI_*/HSA_*/TORCH_* override.
 
 die() {
   echo "error: $*" >&2
@@ -177,6 +177,11 @@ mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 MASTER_ADDR=${hosts[0]}
 MASTER_PORT=${MASTER_PORT:-29500}
 MAX_REQUEUES=${MAX_REQUEUES:-20}
+
+# Every start-up check of the trainer (config, layout, model, output folders, the checkpoint to seed from), once,
+# before srun starts any rank: a mistake is one line here, not one per rank followed by torchrun's failure report.
+"$PYTHON" -m torchtitan_hyena.train --job.config_file "$CONFIG_FILE" ${entry_args[@]+"${entry_args[@]}"} \
+  ${args[@]+"${args[@]}"} --check --world_size "$world" --device "$DEVICE" || exit 2
 
 srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 \
   mkdir -p "$MIOPEN_USER_DB_PATH" "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR" "$PYTORCH_KERNEL_CACHE_PATH"

@@ -45,12 +45,13 @@ def ffn_args(dim: int, hidden: int) -> tuple[int, float | None]:
     raise UserError(f"intermediate_size {hidden} cannot be expressed by Meta's FFN rule for hidden_size {dim}")
 
 
-def _check_heads(args: Llama3Args, source: str) -> Llama3Args:
-    if args.dim % args.n_heads or args.head_dim % 2 or args.n_heads % args.kv_heads:
-        raise UserError(
-            f"{source}: dim {args.dim}, {args.n_heads} heads and {args.kv_heads} KV heads do not form a Llama "
-            "(dim must split into heads of even size, and heads into KV groups)"
-        )
+def checked(args: Llama3Args, source: str) -> Llama3Args:
+    """``args`` if their types and values describe a Llama, else a one-line error naming ``source`` (a vocabulary
+    of -1 is Llama 2's "from the weights"; the weights' shapes are checked against the model later)."""
+    values = args.to_dict()
+    if values["vocab_size"] == -1:
+        values["vocab_size"] = 1
+    Llama3Args.from_dict(values, source)
     return args
 
 
@@ -81,7 +82,7 @@ def args_from_meta_params(params: dict[str, Any], source: str = "params.json") -
         args.rope_low_freq_factor = params.get("rope_low_freq_factor", default.rope_low_freq_factor)
         args.rope_high_freq_factor = params.get("rope_high_freq_factor", default.rope_high_freq_factor)
         args.rope_original_max_position = params.get("rope_original_max_position", default.rope_original_max_position)
-    return _check_heads(args, source)
+    return checked(args, source)
 
 
 def meta_params_from_args(args: Llama3Args) -> dict[str, Any]:
@@ -140,6 +141,9 @@ def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> 
             raise UserError(f"{source}: {flag} = true is not supported (this Llama has no biases)")
     if config.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (Llama uses silu)")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if not isinstance(config.get(key, 0), int) or isinstance(config.get(key), bool):
+            raise UserError(f"{source}: {key} = {config[key]!r} is not an integer")
     try:
         dim, heads = config["hidden_size"], config["num_attention_heads"]
         if config.get("head_dim") not in (None, dim // heads):
@@ -159,7 +163,7 @@ def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> 
         )
     except KeyError as e:
         raise UserError(f"{source} lacks {e.args[0]!r}: is it a complete LlamaConfig?") from None
-    return _check_heads(args, source)
+    return checked(args, source)
 
 
 def hf_config_from_args(args: Llama3Args, dtype: torch.dtype) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from torchtitan_hyena.errors import ConfigError
 from torchtitan_hyena.models.common.rope import RopeScalingArgs
 from torchtitan_hyena.protocols.model import BaseModelArgs
 
@@ -31,6 +32,34 @@ class Llama3Args(RopeScalingArgs, BaseModelArgs):
         m = job_config.model
         self.attention_backend = m.attention_backend
         self.update_rope_scaling(m)
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject impossible combinations with a message naming the field."""
+        super().validate()
+        positive = {
+            "dim": self.dim,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "multiple_of": self.multiple_of,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"llama3 model: {name} must be positive, got {value}")
+        checks = [
+            (
+                self.kv_heads > 0 and self.n_heads % self.kv_heads == 0,
+                f"n_kv_heads {self.n_kv_heads} must divide n_heads",
+            ),
+            (self.dim % self.n_heads == 0, f"dim {self.dim} must be divisible by n_heads {self.n_heads}"),
+            (self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for rotary embeddings"),
+            (self.ffn_dim_multiplier is None or self.ffn_dim_multiplier > 0, "ffn_dim_multiplier must be positive"),
+            (self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}"),
+            *self.rope_checks(),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"llama3 model: {message}")
 
     @property
     def head_dim(self) -> int:
