@@ -1,5 +1,5 @@
 """A tiny Evo 2 checkpoint in vortex format (keys, shapes, dtypes) and an independent vortex-like forward,
-written from stripedhyena2.md, for the converter, scoring and generation tests."""
+written from docs/stripedhyena2.md, for the converter, scoring and generation tests."""
 
 from __future__ import annotations
 

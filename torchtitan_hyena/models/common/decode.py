@@ -1,4 +1,4 @@
-"""Decode state for autoregressive generation, shared by both model families.
+"""Decode state for autoregressive generation, shared by both model families (docs/stripedhyena2.md §17).
 
 A model called with a :class:`DecodeCache` runs in two phases:
 

@@ -1,4 +1,4 @@
-"""Decode state of the Hyena inner filters (the two phases are described in ``models/common/decode.py``).
+"""Decode state of the Hyena inner filters (docs/stripedhyena2.md §17; the phases: ``models/common/decode.py``).
 
 Every filter computes ``q * (h * s + skip * s)`` with ``s = k * v`` in fp32. In prefill it runs its
 stateless kernel and records a state at each row's prompt end; a step then costs, per channel:
