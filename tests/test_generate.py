@@ -277,6 +277,7 @@ def tiny_checkpoint(tmp_path_factory):
         (["--prompt", "ACGT", "--temperature", "-1"], "--temperature must be >= 0"),
         (["--prompt", "ACGT", "--top_p", "0"], "--top_p must be in (0, 1]"),
         (["--prompt", "ACGT", "--batch_size", "0"], "--batch_size must be positive"),
+        (["--prompt", "ACGT", "--eod_id", "-2"], "--eod_id must be a token id, or -1 for none"),
         (["--prompt", "ACGT", "--checkpoint", "{empty}"], "model_args.json not found"),
     ],
 )

@@ -75,9 +75,8 @@ def generate(
         for indices in batches_by_length([len(p) for p in prompts], batch_size):
             batch = [prompts[i] for i in indices]
             generators = sequence_generators(sampling.seed, indices)
-            for i, completion in zip(
-                indices, generate_batch(model, batch, max_new_tokens, sampling, generators, eod_id, device)
-            ):
+            completions = generate_batch(model, batch, max_new_tokens, sampling, generators, eod_id, device)
+            for i, completion in zip(indices, completions):
                 results[i] = completion
     finally:
         model.train(was_training)
@@ -206,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
     if args.batch_size <= 0:
         raise UserError(f"--batch_size must be positive, got {args.batch_size}")
+    if args.eod_id is not None and args.eod_id < -1:
+        raise UserError(f"--eod_id must be a token id, or -1 for none; got {args.eod_id}")
     if not Path(args.output).parent.is_dir() or Path(args.output).is_dir():
         raise UserError(f"--output {args.output} must be a file in an existing folder")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, device, DTYPES[args.dtype])
     completions = generate(
-        model, prompts, args.max_new_tokens, sampling, eod_id if eod_id != -1 else None, args.batch_size
+        model, prompts, args.max_new_tokens, sampling, None if eod_id == -1 else eod_id, args.batch_size
     )
     rows = []
     for i, completion in enumerate(completions):
