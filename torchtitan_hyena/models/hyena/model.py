@@ -48,7 +48,8 @@ class HyenaBlock(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
     ) -> torch.Tensor:
         u = self.pre_norm(x)
-        x = x + self.dropout(self.mixer(u, cos, sin, cache) if self.kind == "*" else self.mixer(u, cache))
+        # cache by keyword: tensor-parallel input plans count the positional inputs
+        x = x + self.dropout(self.mixer(u, cos, sin, cache=cache) if self.kind == "*" else self.mixer(u, cache=cache))
         return x + self.dropout(self.mlp(self.post_norm(x)))
 
 
@@ -85,7 +86,7 @@ class StripedHyena(nn.Module):
         cos, sin = rope_tables(self.rope_inv_freq, positions.float() / self.args.rope_pi_factor)
         h = self.tok_embeddings(tokens)
         for name, layer in self.layers.items():
-            h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache.layer(name))
+            h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache=cache.layer(name))
         if cache is not None:
             h = cache.last(h)
             cache.end()

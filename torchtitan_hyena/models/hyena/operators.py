@@ -87,9 +87,9 @@ class HyenaOperator(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
-        z = self.featurizer(self.projections(x), cache)
+        z = self.featurizer(self.projections(x), cache=cache)
         q, k, v = z[..., 0::3], z[..., 1::3], z[..., 2::3]
-        y = self.filter(q, k, v, None if self.D is None else local(self.D), cache)
+        y = self.filter(q, k, v, None if self.D is None else local(self.D), cache=cache)
         return self.out_proj(y)
 
 

@@ -51,7 +51,8 @@ class TransformerBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache)
+        # cache by keyword: tensor-parallel input plans count the positional inputs
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache=cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -81,7 +82,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.rope_inv_freq, positions)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for name, layer in self.layers.items():
-            h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache.layer(name))
+            h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache=cache.layer(name))
         if cache is not None:
             h = cache.last(h)
             cache.end()
