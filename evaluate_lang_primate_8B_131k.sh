@@ -8,6 +8,7 @@
 #SBATCH --partition=batch
 #SBATCH --nodes=64
 #SBATCH --gpus-per-node=8
+#SBATCH --network=disable_rdzv_get
 #SBATCH --time=00:30:00
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out

@@ -8,6 +8,7 @@
 #SBATCH --partition=extended
 #SBATCH --nodes=64
 #SBATCH --gpus-per-node=8
+#SBATCH --network=disable_rdzv_get
 #SBATCH --time=12:00:00
 #SBATCH --signal=B:USR1@600
 #SBATCH --requeue

@@ -22,7 +22,7 @@ from torchtitan_hyena.convert import llama as conv
 from torchtitan_hyena.convert.cli import llama_to_dcp_main
 from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.models.llama3 import llama3_flavors
-from torchtitan_hyena.models.llama3.args import Llama3Args
+from torchtitan_hyena.models.llama3.args import Llama3Args, ffn_hidden_dim
 from torchtitan_hyena.models.llama3.state_dict_adapter import HFAdapter, MetaAdapter, ffn_args, flavor_of, permute_qk
 
 pytest.importorskip("transformers")
@@ -77,7 +77,7 @@ def test_ffn_args_reproduce_meta_style(dim, hidden, expected):
 @pytest.mark.parametrize("dim, hidden", [(64, 200), (100, 301), (4096, 11008), (96, 7)])
 def test_ffn_args_exact_for_any_width(dim, hidden):
     multiple_of, multiplier = ffn_args(dim, hidden)
-    assert Llama3Args(dim=dim, multiple_of=multiple_of, ffn_dim_multiplier=multiplier).ffn_hidden_dim == hidden
+    assert ffn_hidden_dim(dim, multiple_of, multiplier) == hidden
 
 
 def test_llama31_8b_configs_map_to_our_8b_flavor_and_the_lang_primate_rope():
@@ -132,7 +132,9 @@ def test_neural_pile_8b_131k_exports_to_an_equivalent_hf_config():
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE type 'yarn' is not supported"),
         ({"head_dim": 64}, "head_dim 64"),
-        ({"num_key_value_heads": 5}, "do not form a Llama"),
+        ({"num_key_value_heads": 5}, "n_kv_heads 5 must divide n_heads"),
+        ({"rms_norm_eps": 0}, "norm_eps must be positive"),
+        ({"hidden_size": "4096"}, "hidden_size = '4096' is not an integer"),
     ],
 )
 def test_unsupported_hf_configs_are_rejected(change, message):

@@ -26,6 +26,15 @@ FITS_WITHOUT_TP = [
     "--training.local_batch_size", "1", "--training.global_batch_size", "512", "--training.seq_len", "32768",
 ]  # fmt: skip
 
+# OLCF's recommended RCCL/libfabric settings for Frontier (PyTorch on Frontier guide), the job's defaults.
+OLCF_ENV = {
+    "NCCL_NET_GDR_LEVEL": "PHB", "NCCL_CROSS_NIC": "1", "NCCL_SOCKET_IFNAME": "hsn0,hsn1,hsn2,hsn3",
+    "HSA_FORCE_FINE_GRAIN_PCIE": "1", "FI_MR_CACHE_MONITOR": "kdreg2", "FI_CXI_DISABLE_HOST_REGISTER": "1",
+    "FI_CXI_DEFAULT_CQ_SIZE": "131072", "FI_CXI_DEFAULT_TX_SIZE": "2048", "FI_CXI_RX_MATCH_MODE": "hybrid",
+    "FI_CXI_RDZV_PROTO": "alt_read", "FI_CXI_RDZV_EAGER_SIZE": "0", "FI_CXI_RDZV_THRESHOLD": "0",
+    "FI_CXI_RDZV_GET_MIN": "0",
+}  # fmt: skip
+
 STUBS = {
     # sbatch: record the submission
     "sbatch": """printf '%s\\n' "$@" > "$STUB_LOG/sbatch.args"
@@ -41,6 +50,7 @@ if [[ " $* " == *" torchrun "* && -n ${STUB_SRUN_BLOCK:-} ]]; then
   touch "$STUB_LOG/srun.running"
   while :; do sleep 0.05; done
 fi
+if [[ -n ${STUB_SRUN_FAIL:-} && " $* " == *" $STUB_SRUN_FAIL "* ]]; then exit 1; fi
 exit "${STUB_SRUN_STATUS:-0}"
 """,
     "scontrol": """case "$1" in
@@ -88,9 +98,10 @@ def slurm(tmp_path):
     (plugin / "lib").mkdir(parents=True)
     (plugin / "lib" / "librccl-net.so").touch()
     base = env()
-    owned = ("SLURM_", "SBATCH_", "NCCL_", "GLOO_", "FI_", "HF_", "TORCH", "TRITON_", "MIOPEN_", "PYTORCH_")
+    owned = ("SLURM_", "SBATCH_", "NCCL_", "GLOO_", "FI_", "HSA_", "HF_", "TORCH", "TRITON_", "MIOPEN_", "PYTORCH_")
     for key in list(base):  # the scripts keep values already set: start from a clean slate
-        if key.startswith(owned) or key in ("CONFIG_FILE", "CHECKPOINT", "OMP_NUM_THREADS", "LD_LIBRARY_PATH"):
+        if key.startswith(owned) or key in ("CONFIG_FILE", "CHECKPOINT", "OMP_NUM_THREADS", "LD_LIBRARY_PATH",
+                                            "PLUGIN", "ROCM_VERSION", "MODULES"):  # fmt: skip
             del base[key]
     base.update(
         PATH=f"{bin_dir}{os.pathsep}{base['PATH']}", STUB_LOG=str(log), PYTHON=sys.executable,
@@ -124,6 +135,21 @@ def slurm(tmp_path):
             return calls
 
     return Slurm()
+
+
+def fake_checkpoint(folder: Path, family: str) -> Path:
+    """The smallest folder the job's start-up check accepts as a checkpoint of ``family`` (a seed, or to evaluate)."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    if not folder.exists():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"w": torch.zeros(2)}, checkpoint_id=str(folder), no_dist=True)
+        (folder / "model_args.json").write_text(f'{{"model_name": "{family}", "flavor": "", "args": {{}}}}')
+    return folder
 
 
 def one_line_error(proc) -> str:
@@ -164,6 +190,7 @@ def test_sbatch_directives_match_the_config_mesh(script):
     assert world == nodes * 8, f"{script.name}: #SBATCH --nodes={nodes} but {config.name} needs {world} ranks"
     if script.name.startswith("train_"):
         assert sbatch_value(script, "signal") == "B:USR1@600"
+    assert sbatch_value(script, "network") == "disable_rdzv_get"  # with FI_CXI_RDZV_PROTO=alt_read (OLCF)
 
 
 # ------------------------------------------------------------------------------------------ inside the job
@@ -176,9 +203,12 @@ def test_job_launches_one_torchrun_per_node(slurm, script):
         config = str(standin_config(slurm.tmp, nodes))
         extra["CONFIG_FILE"] = config
     evaluate = script.name.startswith("evaluate_")
+    parsed = ConfigManager().parse_args(["--job.config_file", str(REPO / config)])
+    checkpoint = fake_checkpoint(slurm.tmp / "ckpt", parsed.model.name)  # the start-up check reads it
+    seed = ["--checkpoint.initial_load_path", str(checkpoint)] if parsed.checkpoint.initial_load_path else []
     if evaluate:
-        extra["CHECKPOINT"] = str(slurm.tmp)
-    proc = slurm.run(script, "--training.steps", "7", nodes=nodes, **extra)
+        extra["CHECKPOINT"] = str(checkpoint)
+    proc = slurm.run(script, "--training.steps", "7", *seed, nodes=nodes, **extra)
     assert proc.returncode == 0, proc.stderr
 
     (mkdir, _), (launch, environ) = slurm.srun_calls()
@@ -187,25 +217,84 @@ def test_job_launches_one_torchrun_per_node(slurm, script):
     assert launch[: launch.index("torchrun")] == [f"--nodes={nodes}", "--ntasks-per-node=1", "--cpus-per-task=56",
                                                   "--kill-on-bad-exit=1"]  # fmt: skip
     module = "torchtitan_hyena.evaluate" if evaluate else "torchtitan_hyena.train"
-    expected = ["torchrun", f"--nnodes={nodes}", "--nproc_per_node=8", "--max_restarts=3", "--rdzv_id=777",
-                "--rdzv_backend=c10d", "--rdzv_endpoint=frontier00001:29500", "-m", module,
+    expected = ["torchrun", f"--nnodes={nodes}", "--nproc_per_node=8", "--rdzv_backend=c10d", "--max_restarts=3",
+                "--rdzv_id=777", "--rdzv_endpoint=frontier00001:29500", "-m", module,
                 "--job.config_file", config]  # fmt: skip
     if evaluate:
-        expected += ["--checkpoint.initial_load_path", str(slurm.tmp), "--validation.steps", "-1",
+        expected += ["--checkpoint.initial_load_path", str(checkpoint), "--validation.steps", "-1",
                      "--job.dump_folder", f"./outputs_eval/{Path(config).stem}"]  # fmt: skip
-    assert torchrun == [*expected, "--training.steps", "7"]
+    assert torchrun == [*expected, "--training.steps", "7", *seed]
 
     assert environ["LD_LIBRARY_PATH"].split(os.pathsep)[0] == str(slurm.plugin / "lib")
-    for key, value in {"NCCL_NET_GDR_LEVEL": "3", "NCCL_ALGO": "TREE", "NCCL_CROSS_NIC": "1",
-                       "NCCL_SOCKET_IFNAME": "hsn0", "GLOO_SOCKET_IFNAME": "hsn0", "NCCL_IB_TIMEOUT": "31",
+    assert environ["NCCL_NET_PLUGIN"] == str(slurm.plugin / "lib" / "librccl-net.so")
+    for key, value in {**OLCF_ENV, "NCCL_NET": "OFI", "GLOO_SOCKET_IFNAME": "hsn0",
                        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                        "HF_HOME": str(slurm.tmp / "hf"), "OMP_NUM_THREADS": "1",
                        "PYTORCH_ALLOC_CONF": "expandable_segments:True"}.items():  # fmt: skip
         assert environ.get(key) == value, key
+    assert "NCCL_ALGO" not in environ  # RCCL's tuner chooses (OLCF)
     for key in ("MIOPEN_USER_DB_PATH", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "PYTORCH_KERNEL_CACHE_PATH"):
         assert environ[key].startswith(str(slurm.tmp / "cache")) and environ[key] in mkdir, key
     assert "SIGUSR1" in environ["TORCHELASTIC_SIGNALS_TO_HANDLE"].split(",")
     assert "rocm/6.3.1" in (slurm.log / "module").read_text()
+
+
+def test_job_environment_keeps_overrides_and_uses_sockets_on_one_node(slurm):
+    script = REPO / "train_rodent_8B_131k.sh"
+    overrides = {"NCCL_SOCKET_IFNAME": "hsn0", "FI_MR_CACHE_MONITOR": "userfaultfd", "NCCL_NET_GDR_LEVEL": "3"}
+    proc = slurm.run(script, nodes=64, ROCM_VERSION="7.1.1", **overrides)
+    assert proc.returncode == 0, proc.stderr
+    (_, environ) = slurm.srun_calls()[-1]
+    assert all(environ[k] == v for k, v in overrides.items()) and environ["FI_CXI_RDZV_PROTO"] == "alt_read"
+    assert "rocm/7.1.1" in (slurm.log / "module").read_text()
+    for stale in slurm.log.glob("srun*"):
+        stale.unlink()
+    one_node = standin_config(slurm.tmp, 1)
+    proc = slurm.run(script, nodes=1, CONFIG_FILE=str(one_node))
+    assert proc.returncode == 0, proc.stderr
+    assert slurm.srun_calls()[-1][1]["NCCL_NET"] == "Socket"  # the plugin does not initialize on one node
+
+
+def test_job_with_the_site_plugin_module(slurm):
+    script = REPO / "train_rodent_8B_131k.sh"
+    site = slurm.tmp / "site" / "librccl-net.so"
+    site.parent.mkdir()
+    site.touch()
+    # Lmod's module is a shell function that changes the caller's environment; the module sets its own FI_ values
+    module = (f'() {{ echo "$@" >> "$STUB_LOG/module"; if [[ $2 == rccl-net-plugin ]]; then '
+              f'export NCCL_NET_PLUGIN={site} FI_CXI_RX_MATCH_MODE=software; fi; }}')  # fmt: skip
+    proc = slurm.run(script, nodes=64, PLUGIN="module", AWS_OFI_RCCL_DIR="", **{"BASH_FUNC_module%%": module})
+    assert proc.returncode == 0, proc.stderr
+    environ = slurm.srun_calls()[-1][1]
+    assert environ["NCCL_NET_PLUGIN"] == str(site) and environ["NCCL_NET"] == "OFI"
+    assert environ["FI_CXI_RX_MATCH_MODE"] == "software" and environ["FI_CXI_RDZV_PROTO"] == "alt_read"
+    assert (slurm.log / "module").read_text().splitlines()[-1] == "load rccl-net-plugin"
+    error = one_line_error(slurm.run(script, nodes=64, PLUGIN="module"))  # the PATH stub module sets nothing
+    assert "PLUGIN=module" in error and "module show rccl-net-plugin" in error
+
+
+def test_preflight_in_the_allocation_checks_communication_before_training(slurm):
+    script = REPO / "train_rodent_8B_131k.sh"
+    config = slurm.tmp / "two_nodes.toml"  # a small model: the preflight dry-runs it first
+    config.write_text(
+        '[model]\nname = "llama3"\nflavor = "debugmodel"\n[parallelism]\ndata_parallel_shard_degree = 16\n'
+    )
+    proc = slurm.run(script, "--preflight", "--training.steps", "3", nodes=2, CONFIG_FILE=str(config),
+                     COMM_CHECK_MIN_GBPS="7")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (mkdir, _), (check, environ), (train, _) = slurm.srun_calls()
+    assert check[check.index("torchrun") :] == [
+        "torchrun", "--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=c10d", "--max_restarts=0", "--rdzv_id=777-comm",
+        "--rdzv_endpoint=frontier00001:29501", "-m", "torchtitan_hyena.tools.comm_check", "--job.config_file",
+        str(config), "--training.steps", "3", "--min_internode_gbps", "7",
+    ]  # fmt: skip
+    assert environ["NCCL_NET"] == "OFI" and "torchtitan_hyena.train" in train
+    for stale in slurm.log.glob("srun*"):
+        stale.unlink()
+    proc = slurm.run(script, "--preflight", nodes=2, CONFIG_FILE=str(config),
+                     STUB_SRUN_FAIL="torchtitan_hyena.tools.comm_check")  # fmt: skip
+    assert proc.returncode == 2 and "communication check failed" in proc.stderr
+    assert not any("torchtitan_hyena.train" in args for args, _ in slurm.srun_calls())  # nothing trained
 
 
 def test_job_refuses_an_allocation_that_does_not_match_the_mesh(slurm):
@@ -223,6 +312,11 @@ def test_job_refuses_an_allocation_that_does_not_match_the_mesh(slurm):
     assert "unknown config key training.stepz" in error
     error = one_line_error(slurm.run(REPO / "evaluate_rodent_8B_131k.sh", nodes=64))
     assert "set CHECKPOINT" in error
+    # the trainer's start-up checks run once, in the job's shell, before srun starts any rank
+    error = one_line_error(slurm.run(REPO / "evaluate_rodent_8B_131k.sh", nodes=64, CHECKPOINT=str(slurm.tmp)))
+    assert f"checkpoint {slurm.tmp} is not a DCP checkpoint" in error
+    error = one_line_error(slurm.run(script, "--training.seq_len", "131073", nodes=64))
+    assert "training.seq_len 131073 must be divisible by 8" in error
     assert slurm.srun_calls() == []  # nothing was launched
 
 
@@ -285,52 +379,3 @@ def test_preflight_dry_runs_before_submitting(slurm):
     proc = slurm.run(script, "--preflight", *FITS_WITHOUT_TP[:6], "--training.global_batch_size", "2048")
     assert proc.returncode == 2 and "DOES NOT FIT" in proc.stdout and "GiB per rank" in proc.stderr
     assert not (slurm.log / "sbatch.args").exists()
-
-
-# ------------------------------------------------------------------------------------------ plugin build
-def test_aws_ofi_rccl_build_is_pinned_and_idempotent(slurm):
-    """Builds with stubbed git/autogen/configure/make, then reuses the build; a version change rebuilds."""
-    stubs = {
-        "git": """echo "$@" >> "$STUB_LOG/git"
-if [[ $1 == clone ]]; then
-  mkdir -p "$4/.git"
-  printf '#!/usr/bin/env bash\\n' > "$4/autogen.sh"
-  printf '#!/usr/bin/env bash\\necho "$@" > "$STUB_LOG/configure"\\n' > "$4/configure"
-  chmod +x "$4/autogen.sh" "$4/configure"
-fi
-[[ $3 != cat-file ]]""",
-        "make": """echo "$@" >> "$STUB_LOG/make"
-if [[ $1 == install ]]; then
-  prefix=$(tr ' ' '\\n' < "$STUB_LOG/configure" | sed -n 's/^--prefix=//p')
-  mkdir -p "$prefix/lib" && touch "$prefix/lib/librccl-net.so"
-fi""",
-    }
-    bin_dir = slurm.tmp / "bin"
-    for name, body in stubs.items():
-        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
-        (bin_dir / name).chmod(0o755)
-    rocm, fabric, prefix = slurm.tmp / "rocm", slurm.tmp / "libfabric", slurm.tmp / "ofi"
-    rocm.mkdir()
-    fabric.mkdir()
-    extra = {"ROCM_PATH": str(rocm), "LIBFABRIC_PATH": str(fabric), "AWS_OFI_RCCL_DIR": str(prefix)}
-    script = REPO / "aws_ofi_rccl.sh"
-    pin = re.search(r"PLUGIN_REV=\$\{PLUGIN_REV:-([0-9a-f]{40})\}", script.read_text()).group(1)
-
-    first = slurm.run(script, **extra)
-    assert first.returncode == 0, first.stderr
-    assert f"export LD_LIBRARY_PATH={prefix}/lib:$LD_LIBRARY_PATH" in first.stdout
-    git = (slurm.log / "git").read_text()
-    assert f"checkout --quiet --detach {pin}" in git and "clone --quiet https://github.com/ROCm/aws-ofi-rccl" in git
-    configure = (slurm.log / "configure").read_text().split()
-    assert f"--prefix={prefix}" in configure and f"--with-libfabric={fabric}" in configure
-    assert f"--with-rccl={rocm}" in configure
-    assert "rocm/6.3.1" in (slurm.log / "module").read_text()
-    assert (prefix / "BUILD_INFO").read_text().strip() == f"aws-ofi-rccl {pin} rocm 6.3.1 libfabric 1.22.0"
-
-    (slurm.log / "git").unlink()
-    again = slurm.run(script, **extra)
-    assert again.returncode == 0 and "already built" in again.stdout and not (slurm.log / "git").exists()
-    rebuilt = slurm.run(script, **extra, ROCM_VERSION="6.4.1")
-    assert rebuilt.returncode == 0 and "built: aws-ofi-rccl" in rebuilt.stdout and "rocm 6.4.1" in rebuilt.stdout
-    missing = slurm.run(script, **{**extra, "ROCM_PATH": str(slurm.tmp / "nope")}, ROCM_VERSION="6.2.4")
-    assert "ROCm 6.2.4 not found" in one_line_error(missing)

@@ -226,7 +226,9 @@ def test_config_overrides_and_validation():
     args = args.with_config(c)
     assert (args.layout, args.n_layers, args.mlp_activation, args.max_seq_len) == ("S*", 2, "gelu", 4096)
     assert (args.rope_pi_factor, args.rope_theta, args.hidden_dropout) == (8.0, 1e6, 0.1)
-    c = ConfigManager().parse_args(["--model.hidden_dropout", "1.5"])
+    with pytest.raises(ConfigError, match="model.hidden_dropout must be in"):
+        ConfigManager().parse_args(["--model.hidden_dropout", "1.5"])
+    c.model.hidden_dropout = 1.5  # past the config check (set in code): the model args refuse it too
     with pytest.raises(ConfigError, match="hidden_dropout"):
         args.with_config(c)
 

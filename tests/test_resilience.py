@@ -90,12 +90,12 @@ def test_a_signal_on_one_rank_stops_all_ranks_after_the_same_step(two_rank_fault
 
 def test_nonfinite_loss_stops_or_skips(two_rank_faults):
     results, tmp = two_rank_faults
-    # stop (default): a NaN on one rank stops every rank at that step, naming the last good checkpoint
+    # stop (default): a NaN on one rank stops every rank at that step; step-2's next step was not finite
     for r in results["stop"]:
         assert r["step"] == 3 and r["error"] is not None
         assert r["error"].startswith("non-finite loss nan")
         assert "at step 3 (training.on_nonfinite_loss = stop): stopped before updating the weights" in r["error"]
-        assert f"last good checkpoint: {tmp / 'stop' / 'checkpoint' / 'step-2'}" in r["error"]
+        assert f"no checkpoint is known good: {tmp / 'stop' / 'checkpoint' / 'step-2'} may hold" in r["error"]
     assert not (tmp / "stop" / "checkpoint" / "step-3").exists()
     # skip: the bad steps leave the weights untouched, training carries on to the end
     for r in results["skip"]:
@@ -115,4 +115,23 @@ def test_nonfinite_loss_exit_status_and_message_from_the_cli(tmp_path):
     assert proc.returncode == EXIT_NONFINITE, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "at step 2 (training.on_nonfinite_loss = stop)" in errors[0]
-    assert f"last good checkpoint: {tmp_path / 'run' / 'checkpoint' / 'step-1'}" in errors[0]
+    assert f"no checkpoint is known good: {tmp_path / 'run' / 'checkpoint' / 'step-1'} may hold" in errors[0]
+
+
+def test_nonfinite_advice_names_the_newest_checkpoint_whose_next_step_was_finite(tmp_path):
+    """Weights saved just before a bad step may already be wrecked: the advice only vouches for checkpoints whose
+    next step ran finite (and was not skipped)."""
+    from types import SimpleNamespace
+
+    from torchtitan_hyena.components.resilience import NonFiniteGuard
+
+    for step in (2, 4, 6):
+        (tmp_path / f"step-{step}").mkdir()
+        (tmp_path / f"step-{step}" / COMPLETE_MARKER).write_text(f"{step}\n")
+    guard = NonFiniteGuard("skip", 10, SimpleNamespace(enabled=True, folder=tmp_path, wait=lambda: None))
+    advice = guard.checkpoint_advice(bad_step=7)
+    assert f"{tmp_path / 'step-6'} may hold the diverged weights" in advice
+    assert f"finite is {tmp_path / 'step-4'}: restart with --checkpoint.load_step 4" in advice
+    guard.skipped = [5]  # step 5 ran on step-4's weights but was skipped: not evidence
+    assert f"finite is {tmp_path / 'step-2'}:" in guard.checkpoint_advice(bad_step=7)
+    assert guard.checkpoint_advice(bad_step=9).endswith(f"finite is {tmp_path / 'step-6'}; a restart resumes from it")

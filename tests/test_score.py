@@ -33,7 +33,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path, args, fragment):
     with pytest.raises(UserError) as e:
         score.main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o.jsonl"), *args])
     assert fragment in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(UserError, match="must be a file in an existing folder"):
+    with pytest.raises(UserError, match="is a folder; give a file name"):
         score.main(["--checkpoint", str(tmp_path), "--fasta", str(DNA / "test.fasta"), "--output", str(tmp_path)])
 
 

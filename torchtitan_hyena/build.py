@@ -1,14 +1,15 @@
 """The one set-up path: from a job config (or a checkpoint) to a model ready to run.
 
     parse (``ConfigManager``: types, choices, config-only checks)
-    -> validate: the model family exists, then the layout and device, then the family's own checks
-    -> process group (joined only once the job is valid) and device mesh -> context parallelism (built once)
-    -> meta model -> float8 -> the family's parallelize plan -> init (or load)
+    -> validate: the model family exists, then the layout and device, then the family's own checks, then the
+       run's files (output folders writable, the checkpoint to seed from of this family and safe to read)
+    -> process group (joined only once the job is valid), device mesh, warm-up of every mesh group
+    -> context parallelism (built once) -> meta model -> float8 -> the family's parallelize plan -> init (or load)
 
-The trainer, ``evaluate`` and the dry run call :func:`setup` then :func:`build_model`; scoring and the converters
-rebuild a model from a checkpoint's ``model_args.json`` with :func:`load_model` or ask for its
-tensor shapes with :func:`model_shapes`. A model family plugs in through its ``TrainSpec``
-(``protocols/train_spec.py``; README "Adding a model family").
+The trainer, ``evaluate`` and the dry run call :func:`setup` then :func:`build_model`; ``--check`` calls
+:func:`validate` alone; scoring, generation and the converters rebuild a model from a checkpoint's
+``model_args.json`` with :func:`load_model` or ask for its tensor shapes with :func:`model_shapes`. A model family
+plugs in through its ``TrainSpec`` (``protocols/train_spec.py``; README "Adding a model family").
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchtitan_hyena.components.checkpoint import PARTIAL_SEED_FIX, load_model_weights
+from torchtitan_hyena.components.checkpoint import (
+    PARTIAL_SEED_FIX,
+    check_model_family,
+    load_model_weights,
+    step_folders,
+)
+from torchtitan_hyena.components.dcp_reader import read_dcp_metadata
 from torchtitan_hyena.config import JobConfig
 from torchtitan_hyena.config.job_config import Model
 from torchtitan_hyena.distributed.compile import compiles_model
@@ -34,12 +41,14 @@ from torchtitan_hyena.distributed.parallel_dims import ParallelDims
 from torchtitan_hyena.distributed.parallelize import parallelize, validate_parallelism
 from torchtitan_hyena.distributed.tensor_parallel import maybe_loss_parallel
 from torchtitan_hyena.distributed.utils import init_distributed, local_device
+from torchtitan_hyena.distributed.warmup import warm_up
 from torchtitan_hyena.dtypes import DTYPES
 from torchtitan_hyena.errors import ConfigError
 from torchtitan_hyena.models.common.precision import cast_model_
-from torchtitan_hyena.protocols.model import BaseModelArgs, read_model_args
+from torchtitan_hyena.protocols.model import MODEL_ARGS_FILE, BaseModelArgs, read_model_args
 from torchtitan_hyena.protocols.train_spec import TrainSpec, available, get_flavor_args, get_train_spec
 from torchtitan_hyena.tools.logging import logger
+from torchtitan_hyena.tools.outputs import check_writable_dir
 
 _ALWAYS_READ = frozenset({"name", "flavor"})  # model.* keys every family reads
 
@@ -62,6 +71,18 @@ def validate_layout(job_config: JobConfig, parallel_dims: ParallelDims, accelera
         )
     validate_parallelism(job_config, parallel_dims)
     validate_float8(job_config.float8, parallel_dims, accelerator)
+    comp = job_config.compile
+    if comp.enable and comp.backend not in torch.compiler.list_backends(exclude_tags=()):
+        raise ConfigError(
+            f"compile.backend {comp.backend!r} is not a torch.compile backend; use inductor (default), "
+            f"aot_eager or eager (available: {', '.join(torch.compiler.list_backends())})"
+        )
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if job_config.model.conv_impl == "triton" and accelerator.kind == "cpu" and not interpreted:
+        raise ConfigError(
+            "model.conv_impl = triton needs a GPU; on CPU use auto or torch (or set TRITON_INTERPRET=1 before start-up "
+            "to run the Triton interpreter, slow, for tests)"
+        )
 
 
 def check_model_keys(spec: TrainSpec, model_config: Model) -> None:
@@ -85,15 +106,23 @@ def model_args_from_config(spec: TrainSpec, job_config: JobConfig) -> BaseModelA
     return get_flavor_args(spec, job_config.model.flavor).with_config(job_config)
 
 
-def parallel_dims_from_config(job_config: JobConfig, world_size: int) -> ParallelDims:
-    p = job_config.parallelism
-    return ParallelDims(
-        dp_replicate=p.data_parallel_replicate_degree,
-        dp_shard=p.data_parallel_shard_degree,
-        cp=p.context_parallel_degree,
-        tp=p.tensor_parallel_degree,
-        world_size=world_size,
-    )
+def validate_files(job_config: JobConfig) -> None:
+    """The run's output folders can be written, and the checkpoint it seeds from (not on a resume, which ignores
+    the seed) is of this model family and safe to read: refused before any rank builds anything."""
+    c = job_config
+    dump = Path(c.job.dump_folder)
+    check_writable_dir(dump, "job.dump_folder")
+    for key, folder, used in (
+        ("metrics.save_tb_folder", c.metrics.save_tb_folder, c.metrics.enable_tensorboard),
+        ("checkpoint.folder", c.checkpoint.folder, c.checkpoint.enable),
+        ("profiling.save_traces_folder", c.profiling.save_traces_folder, c.profiling.enable_profiling),
+    ):
+        if used:
+            check_writable_dir(dump / folder, key)
+    seed = c.checkpoint.initial_load_path
+    if seed and not (c.checkpoint.enable and step_folders(dump / c.checkpoint.folder)):
+        check_model_family(Path(seed), c.model.name)
+        read_dcp_metadata(seed)
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -138,31 +167,40 @@ class Setup:
             return model(batch["input"], batch.get("positions"))
 
 
-def validate(job_config: JobConfig, parallel_dims: ParallelDims, accelerator: Accelerator) -> BaseModelArgs:
-    """Every check that needs no process group, data or model, in order: the layout and the device, then the model
-    family's own; returns the model's args. (The config-only checks ran when the config was parsed.)"""
+def validate(
+    job_config: JobConfig, parallel_dims: ParallelDims, accelerator: Accelerator, *, files: bool = True
+) -> BaseModelArgs:
+    """Every check that needs no process group, data or model, in order: the layout and the device, the model
+    family's own, then (``files``) the run's files; returns the model's args. (The config-only checks ran when the
+    config was parsed.) Each rank runs it before joining the process group, and ``--check`` before a launcher
+    starts any rank, so a bad job is one line, before any work."""
     spec = get_train_spec(job_config.model.name)
     validate_layout(job_config, parallel_dims, accelerator)
     model_args = model_args_from_config(spec, job_config)
     if spec.validate_fn is not None:
         spec.validate_fn(model_args, parallel_dims, job_config)
+    if files:
+        validate_files(job_config)
     return model_args
 
 
-def setup(
-    job_config: JobConfig, *, device: torch.device | None = None, accelerator: Accelerator | None = None
-) -> Setup:
-    """Validate the job, join the process group (unless one exists, e.g. the dry run's fake one), build the mesh
-    and the context parallelism. ``device``/``accelerator``: what to build on and to judge float8 support by
-    (default: this process's device)."""
+def setup(job_config: JobConfig, *, target: Accelerator | None = None) -> Setup:
+    """Validate the job, join the process group, build the mesh, warm up its groups, build the context parallelism.
+
+    ``target``: plan for that device instead of running here (the dry run, on its fake process group: a CPU meta
+    model, judged by the target's float8 support; no files checked, no warm-up).
+    """
     # Known before joining the process group, so every rank rejects a bad job alike and none waits for another.
     world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    parallel_dims = parallel_dims_from_config(job_config, world_size)
-    device = device or local_device()
-    model_args = validate(job_config, parallel_dims, accelerator or describe_accelerator(device))
+    parallel_dims = ParallelDims.from_config(job_config.parallelism, world_size)
+    device = torch.device("cpu") if target is not None else local_device()
+    accelerator = target or describe_accelerator(device)
+    model_args = validate(job_config, parallel_dims, accelerator, files=target is None)
     if not dist.is_initialized():
         init_distributed(job_config.comm.init_timeout_seconds, job_config.comm.trace_buf_size)
     parallel_dims.build_mesh(device.type)
+    if target is None:
+        warm_up(parallel_dims, device, job_config.comm.warmup_timeout_seconds)
     cp = build_context_parallel(parallel_dims, job_config)
     return Setup(job_config, get_train_spec(job_config.model.name), model_args, parallel_dims, device, cp)
 
@@ -236,7 +274,7 @@ def load_model(checkpoint: str | Path, device: torch.device, dtype: torch.dtype 
     path = Path(checkpoint)
     name, _, values = read_model_args(path)
     spec = get_train_spec(name)
-    model = meta_model(spec, spec.args_cls.from_dict(values))
+    model = meta_model(spec, spec.args_cls.from_dict(values, str(path / MODEL_ARGS_FILE)))
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights(buffer_device=device)

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     path = config.checkpoint.initial_load_path
     if not path:
         raise UserError("nothing to evaluate: pass --checkpoint.initial_load_path outputs/<run>/checkpoint/step-N")
+    config.checkpoint.enable = False  # evaluate exactly these weights: the start-up checks judge them as the seed
     init_logger()
     try:
         s = build.setup(config)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import nn
 from torchtitan_hyena.build import load_model
 from torchtitan_hyena.dtypes import DTYPES
 from torchtitan_hyena.errors import UserError, run_cli
+from torchtitan_hyena.tools.outputs import atomic_output_file, check_writable_file
 
 # Scoring is single-process on purpose; DCP's note about it is noise here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -100,12 +100,9 @@ def read_fasta_tokens(path: str | Path, prepend_bos: bool, keep_case: bool) -> t
 
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> None:
-    out = Path(path)
-    tmp = out.with_name(out.name + ".partial")
-    with tmp.open("w") as f:
+    with atomic_output_file(path) as tmp, tmp.open("w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    os.replace(tmp, out)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,8 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.batch_size <= 0:
         raise UserError(f"--batch_size must be positive, got {args.batch_size}")
-    if not Path(args.output).parent.is_dir() or Path(args.output).is_dir():
-        raise UserError(f"--output {args.output} must be a file in an existing folder")
+    check_writable_file(args.output, "--output")
     if args.tokens is not None and (args.prepend_bos or args.keep_case):
         raise UserError("--prepend_bos and --keep_case apply to --fasta input; put a BOS id in the token lists instead")
     if args.fasta is not None:

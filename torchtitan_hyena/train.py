@@ -1,13 +1,15 @@
 """The trainer: ``python -m torchtitan_hyena.train --job.config_file X.toml [--section.key value ...]``.
 
-Readable top to bottom: set up (``build.py``: validate -> mesh -> context parallelism), data, model (``build.py``:
-meta -> float8 -> parallelize -> init), optimizer, checkpoint; then loop (fetch microbatches -> forward/backward ->
-clip -> step -> log -> checkpoint -> validate).
+Readable top to bottom: set up (``build.py``: validate -> mesh -> warm-up -> context parallelism), data, model
+(``build.py``: meta -> float8 -> parallelize -> init), optimizer, checkpoint; then loop (fetch microbatches ->
+forward/backward -> clip -> step -> log -> checkpoint -> validate).
 """
 
 from __future__ import annotations
 
 import gc
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,13 +26,15 @@ from torchtitan_hyena.components.resilience import EXIT_PREEMPTED, NonFiniteGuar
 from torchtitan_hyena.components.validate import Validator
 from torchtitan_hyena.config import ConfigManager, JobConfig, config_table
 from torchtitan_hyena.config.manager import to_dict
-from torchtitan_hyena.distributed.float8 import precompute_float8_scales
-from torchtitan_hyena.distributed.utils import clip_grad_norm_, dist_sum, set_determinism, set_pg_timeout
+from torchtitan_hyena.distributed.float8 import describe_accelerator, precompute_float8_scales
+from torchtitan_hyena.distributed.parallel_dims import ParallelDims
+from torchtitan_hyena.distributed.utils import clip_grad_norm_, dist_sum, local_device, set_determinism, set_pg_timeout
 from torchtitan_hyena.errors import run_cli
 from torchtitan_hyena.tools import dry_run
 from torchtitan_hyena.tools.flops import get_peak_flops
 from torchtitan_hyena.tools.logging import init_logger, logger
 from torchtitan_hyena.tools.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
+from torchtitan_hyena.tools.world_size import required_world_size
 
 
 class TrainState:
@@ -52,7 +56,7 @@ class Trainer:
     def __init__(self, job_config: JobConfig) -> None:
         self.job_config = c = job_config
         init_logger()
-        self.setup = build.setup(c)  # validation, process group, mesh, context parallelism
+        self.setup = build.setup(c)  # validation, process group, mesh and its warm-up, context parallelism
         self.rank = dist.get_rank()
         if self.rank == 0 and c.job.print_config:
             logger.info("resolved config:\n" + config_table(c))
@@ -219,18 +223,42 @@ class Trainer:
         self.metrics.close()
 
 
+def check(config: JobConfig, flags: dry_run.DryRunFlags) -> None:
+    """``--check``: :func:`build.validate` for the launch's world size and device, in this one process."""
+    init_logger()
+    world_size = flags.world_size or required_world_size(config)
+    device = dry_run.target_accelerator(flags.device) if flags.device else describe_accelerator(local_device())
+    build.validate(config, ParallelDims.from_config(config.parallelism, world_size), device)
+    logger.info(f"{config.job.config_file or 'the config'} passes every start-up check for {world_size} ranks")
+
+
+def remove_if_created(folder: Path, created: bool) -> None:
+    """After a failed set-up, remove the output folder this run created (rank 0, for the job): no empty runs left."""
+    if created and os.environ.get("RANK", "0") == "0":
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
         print(dry_run.HELP + "\n")
     argv, dry_run_flags = dry_run.split_flags(argv)
     config = ConfigManager().parse_args(argv)
+    if dry_run_flags is not None and dry_run_flags.check:
+        check(config, dry_run_flags)
+        return
     if dry_run_flags is not None:
         dry_run.run(config, dry_run_flags)
         return
     trainer = None
+    dump = Path(config.job.dump_folder)
+    created = not dump.exists()
     try:
-        trainer = Trainer(config)
+        try:
+            trainer = Trainer(config)
+        except BaseException:
+            remove_if_created(dump, created)
+            raise
         trainer.train()
     finally:
         if trainer is not None:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import inspect
 import json
-import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from torchtitan_hyena.components.dcp_reader import load_dcp, read_dcp_metadata
 
 _RENAME = {
     "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
@@ -114,13 +113,11 @@ def save_meta(model, folder: Path, n_shards: int = 1, vocab_parallel: bool = Tru
 
 def read_dcp(path: Path, skip=("optimizer", "lr_scheduler", "dataloader", "train_state")) -> dict[str, torch.Tensor]:
     """The model tensors of a DCP folder, in their stored dtype."""
-    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    meta = read_dcp_metadata(path).state_dict_metadata
     out = {
         k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
         for k, m in meta.items()
         if isinstance(m, TensorStorageMetadata) and not k.startswith(skip)
     }
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(out, checkpoint_id=str(path), no_dist=True)
+    load_dcp(out, path)
     return out

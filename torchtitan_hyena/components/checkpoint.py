@@ -5,6 +5,10 @@ Layout: ``<dump_folder>/<folder>/step-N/`` holds one DCP checkpoint (model FQNs 
 ``model_args.json`` and ``job_config.json``. A step folder counts only once the completion
 marker ``.complete`` exists; it is written after every rank has finished writing, so a folder
 left by a crash is ignored (with a warning) and never resumed from.
+
+Background (async) saves finish at different moments on different ranks. Whether one is done is
+decided by all ranks together, at a step boundary (an all-reduce of "done" flags), so every rank
+finalizes at the same step and none waits in a collective that the others are not in.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
+from torchtitan_hyena.components import checkpoint_writer
+from torchtitan_hyena.components.dcp_reader import dcp_error, load_dcp, read_dcp_metadata
 from torchtitan_hyena.dtypes import DTYPES
 from torchtitan_hyena.errors import UserError
-from torchtitan_hyena.protocols.model import write_model_args
+from torchtitan_hyena.protocols.model import MODEL_ARGS_FILE, read_model_args, write_model_args
 from torchtitan_hyena.tools.logging import logger
 
 COMPLETE_MARKER = ".complete"
@@ -47,23 +52,24 @@ def step_folders(folder: Path, complete_only: bool = True) -> dict[int, Path]:
     return found
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
-    """Per-key storage metadata of a DCP folder, with a one-line error for anything unreadable."""
-    if not path.is_dir():
-        raise UserError(f"checkpoint {path} does not exist or is not a folder")
-    if not (path / ".metadata").exists():
-        raise UserError(f"checkpoint {path} is not a DCP checkpoint (no .metadata file); point at a step-N folder")
-    try:
-        return FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+def check_model_family(path: Path, model_name: str) -> None:
+    """Refuse a checkpoint whose ``model_args.json`` records another model family than the run's.
 
-
-def dcp_error(e: BaseException) -> BaseException:
-    """What actually failed: DCP wraps every error, even Ctrl-C, in CheckpointException (a BaseException)."""
-    if isinstance(e, CheckpointException) and e.failures:
-        return next(iter(e.failures.values()))[0]
-    return e
+    Sharing a few names (embeddings, final norm) would otherwise "seed" a model from the wrong family and train
+    the rest from fresh weights. Llama seeds a hybrid only through ``llama_to_dcp.py --target hyena``, whose
+    output records the hybrid family. Checkpoints without the file (other tools' DCPs) are judged by their keys.
+    """
+    if not (path / MODEL_ARGS_FILE).is_file():
+        return
+    family, _, _ = read_model_args(path)
+    if family == model_name:
+        return
+    hint = (
+        "convert the Llama with llama_to_dcp.py --target hyena and seed from its output"
+        if (family, model_name) == ("llama3", "hyena")
+        else f"use it with a {family} config (model.name = {family!r}), or seed from a {model_name} checkpoint"
+    )
+    raise UserError(f"checkpoint {path} holds a {family!r} model but this run trains {model_name!r}; {hint}")
 
 
 def model_state_dict(model_parts: list[nn.Module]) -> dict[str, Any]:
@@ -86,6 +92,7 @@ def load_model_weights(
     path: Path,
     strict_shapes: bool = True,
     fix: str = "check model.flavor and model.vocab_size",
+    metadata: Metadata | None = None,
 ) -> dict[str, list[str]]:
     """Load model tensors from a DCP folder into ``model_parts``, tolerating partial checkpoints.
 
@@ -93,8 +100,11 @@ def load_model_weights(
     absent from the checkpoint or of a different shape keep their current (fresh) values and are
     returned, so the caller can list them. ``fix`` ends the error raised on a mismatch under
     ``strict_shapes``: what the user should change depends on where the model's shape came from.
+    A partial load must still match some of the model's layers: names shared by every model
+    (embeddings, final norm) alone do not make a seed.
     """
-    meta = read_metadata(path)
+    metadata = metadata or read_dcp_metadata(path)
+    meta = metadata.state_dict_metadata
     sd = model_state_dict(model_parts)
     to_load, renamed, missing, mismatched = {}, {}, [], []
     for key, value in sd.items():
@@ -114,13 +124,12 @@ def load_model_weights(
             f"checkpoint {path} does not match the model: {len(missing)} missing and {len(mismatched)} "
             f"mis-shaped tensors (first: {(missing + mismatched)[0]}); {fix}"
         )
-    if not to_load:
-        raise UserError(f"checkpoint {path} has no tensor that matches the model; check model.name and model.flavor")
-    try:
-        dcp.load(to_load, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
-    except (Exception, CheckpointException) as e:
-        e = dcp_error(e)
-        raise UserError(f"could not read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not any(renamed[k].startswith("layers.") for k in to_load) and any(k.startswith("layers.") for k in sd):
+        raise UserError(
+            f"checkpoint {path} has no layer tensor that matches the model (matched only: "
+            f"{', '.join(sorted(renamed.values())) or 'nothing'}); check model.name and model.flavor"
+        )
+    load_dcp(to_load, path, partial=True, metadata=metadata)
     loaded = {renamed[k]: v for k, v in to_load.items()}
     for part in model_parts:
         set_model_state_dict(part, loaded, options=StateDictOptions(strict=False))
@@ -129,6 +138,11 @@ def load_model_weights(
     return {"missing": missing, "mismatched": mismatched, "unused": unused}
 
 
+# Restoring optimizer/scheduler/loader state fails on damage, and on state of another shape.
+_RESUME_FIX = (
+    "the step folder is damaged, or its optimizer state belongs to another setup (model, optimizer.name): "
+    "use another step, or checkpoint.exclude_from_loading = ['optimizer']"
+)
 T = TypeVar("T")
 
 
@@ -139,6 +153,15 @@ def _rank0_decides(decide: Callable[[], T]) -> T:
     box = [decide() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _every_rank(flag: bool) -> bool:
+    """True when ``flag`` is true on every rank (a CPU all-reduce on the default group; ``flag`` without one)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    box = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(box, op=dist.ReduceOp.MIN)
+    return bool(box.item())
 
 
 class CheckpointManager:
@@ -174,7 +197,10 @@ class CheckpointManager:
         self._staging: Future | None = None
         self._async_pg = None
         if self.enabled and config.async_mode != "disabled" and dist.is_initialized():
+            # DCP's collectives run in the background: on a group of their own, apart from the trainer's.
             self._async_pg = dist.new_group(backend="gloo")
+        if self.enabled and config.async_mode == "async_with_pinned_mem":
+            checkpoint_writer.install()
 
     # ------------------------------------------------------------------ load
     def load(self) -> int:
@@ -213,19 +239,17 @@ class CheckpointManager:
 
     def _resume(self, step: int, path: Path) -> int:
         t0 = time.perf_counter()
-        meta = read_metadata(path)
+        check_model_family(path, self.model_info[0])
+        metadata = read_dcp_metadata(path)
+        meta = metadata.state_dict_metadata
         if "train_state.step" not in meta and not any(k.startswith("train_state") for k in meta):
             logger.info(f"checkpoint {path} is model-only: loading weights, starting the schedule at step 0")
-            load_model_weights(self.model_parts, path)
+            load_model_weights(self.model_parts, path, metadata=metadata)
             return 0
-        load_model_weights(self.model_parts, path)
+        load_model_weights(self.model_parts, path, metadata=metadata)
         names = [n for n in _NON_MODEL if n not in self.config.exclude_from_loading]
         state = {n: self.stateful[n].state_dict() for n in names}
-        try:
-            dcp.load(state, checkpoint_id=str(path))
-        except (Exception, CheckpointException) as e:
-            e = dcp_error(e)
-            raise UserError(f"could not restore training state from {path} ({type(e).__name__}: {e})") from None
+        load_dcp(state, path, metadata=metadata, fix=_RESUME_FIX)
         for n in names:
             self.stateful[n].load_state_dict(state[n])
         logger.info(f"resumed from {path} in {time.perf_counter() - t0:.1f}s")
@@ -233,7 +257,9 @@ class CheckpointManager:
 
     def _initial_load(self, path: Path) -> None:
         t0 = time.perf_counter()
-        report = load_model_weights(self.model_parts, path, strict_shapes=False)
+        check_model_family(path, self.model_info[0])
+        metadata = read_dcp_metadata(path)
+        report = load_model_weights(self.model_parts, path, strict_shapes=False, metadata=metadata)
         logger.info(f"seeded model weights from {path} in {time.perf_counter() - t0:.1f}s")
         if report["missing"]:
             logger.info(f"kept fresh init (absent from {path}): {', '.join(report['missing'])}")
@@ -242,11 +268,11 @@ class CheckpointManager:
         if report["unused"]:
             logger.info(f"ignored checkpoint tensors the model does not have: {', '.join(report['unused'])}")
         if not self.config.initial_load_model_only:
-            meta = read_metadata(path)
+            meta = metadata.state_dict_metadata
             names = [n for n in _NON_MODEL if any(k.startswith(n) for k in meta)]
             names = [n for n in names if n not in self.config.exclude_from_loading and n != "train_state"]
             state = {n: self.stateful[n].state_dict() for n in names}
-            dcp.load(state, checkpoint_id=str(path))
+            load_dcp(state, path, metadata=metadata, fix=_RESUME_FIX)
             for n in names:
                 self.stateful[n].load_state_dict(state[n])
             logger.info(f"also restored {', '.join(names) or 'nothing'} from {path}")
@@ -274,7 +300,7 @@ class CheckpointManager:
         mode = self.config.async_mode if not (last_step or force) else "disabled"
         t0 = time.perf_counter()
         if mode == "disabled":
-            dcp.save(state, checkpoint_id=str(path))
+            dcp.save(state, checkpoint_id=str(path))  # returns on rank 0 once every rank's write reached it
             self._finalize(step, path)
             logger.info(f"saved checkpoint {path} in {time.perf_counter() - t0:.1f}s")
         else:
@@ -305,22 +331,33 @@ class CheckpointManager:
             self._staging = None
 
     def poll(self) -> None:
-        """Finalize a finished background save (marker, purge) without blocking."""
-        if self._pending is not None and self._pending[2].done():
+        """Finalize the background save (marker, purge) once it is written on every rank, without blocking.
+
+        Every rank calls this at the end of every step; while a save is pending the ranks all-reduce their
+        "done" flags, so all of them finalize at the same step (a rank finalizing alone could sit in a
+        collective while the others run the next step's).
+        """
+        if self._pending is not None and _every_rank(self._pending[2].done()):
             self.wait()
 
     def wait(self) -> None:
-        """Block until any background save has finished, then finalize it."""
+        """Block until the background save is written on every rank, then finalize it. Collective: every rank
+        calls it at the same point (a save, the end of training, a stop)."""
         if self._pending is None:
             return
         step, path, future = self._pending
         self._pending = None
-        future.result()
+        error = future.exception()
+        if not _every_rank(error is None):
+            what = f"{type(dcp_error(error)).__name__}: {dcp_error(error)}" if error else "failed on another rank"
+            raise UserError(
+                f"checkpoint {path} could not be written ({str(what).splitlines()[0]}); check free space and "
+                f"permissions under {self.folder}; the previous complete checkpoint is intact"
+            )
         self._finalize(step, path)
 
     def _finalize(self, step: int, path: Path) -> None:
-        if dist.is_initialized():
-            dist.barrier(group=self._async_pg)
+        """Rank 0 completes a step folder that every rank has finished writing (the caller made sure)."""
         if self.rank == 0:
             name, flavor, args = self.model_info
             write_model_args(path, name, flavor, args)
@@ -334,11 +371,18 @@ class CheckpointManager:
             return
         complete = step_folders(self.folder)
         for step in sorted(complete)[:-k]:
+            (complete[step] / COMPLETE_MARKER).unlink()  # first: a purge cut short leaves an incomplete folder
             shutil.rmtree(complete[step], ignore_errors=True)
             logger.info(f"removed old checkpoint {complete[step]} (keep_latest_k = {k})")
 
     def close(self) -> None:
-        self.wait()
+        """Release the checkpoint group. Training waits for its saves before it returns, so a save still pending here
+        means it ended by an error, perhaps on some ranks only: that step is left unmarked (never resumed from)
+        rather than finalized in a collective that not every rank may reach."""
+        if self._pending is not None:
+            logger.warning(f"checkpoint {self._pending[1]} was still being written: left incomplete")
+            self._pending = None
+            return  # its writer may still be using the group
         if self._async_pg is not None:
             dist.destroy_process_group(self._async_pg)
             self._async_pg = None

@@ -102,14 +102,26 @@ class NonFiniteGuard:
         )
         raise NonFiniteLossError(
             f"non-finite {what} at step {step} {reason}: stopped before updating the weights; "
-            f"last good checkpoint: {self.last_good_checkpoint()}; a restart resumes from it "
-            "(lower optimizer.lr or tighten training.max_norm if it recurs)"
+            f"{self.checkpoint_advice(step)} (lower optimizer.lr or tighten training.max_norm if it recurs)"
         )
 
-    def last_good_checkpoint(self) -> str:
-        """The newest complete step folder, once any background save (of an earlier, good step) has finished."""
+    def checkpoint_advice(self, bad_step: int) -> str:
+        """Which checkpoint to restart from. A finite loss does not make a checkpoint good: the update that
+        produced the bad step can already have wrecked the weights saved just before it. So the advice names
+        the newest checkpoint whose next step was finite (it ran on those weights without a skip) and warns
+        about newer ones."""
         if not self.checkpointer.enabled:
-            return "none (checkpoint.enable = false)"
-        self.checkpointer.wait()
+            return "no checkpoint to restart from (checkpoint.enable = false)"
+        self.checkpointer.wait()  # a background save of an earlier step
         complete = step_folders(self.checkpointer.folder)
-        return str(complete[max(complete)]) if complete else f"none yet in {self.checkpointer.folder}"
+        good = [s for s in complete if s + 1 < bad_step and s + 1 not in self.skipped]
+        if not complete:
+            return f"no checkpoint yet in {self.checkpointer.folder}"
+        newest = max(complete)
+        suspect = f"{complete[newest]} may hold the diverged weights (its next step was not finite)"
+        if not good:
+            return f"no checkpoint is known good: {suspect}; start over or restart from it with care"
+        verified = f"the newest checkpoint whose next step was finite is {complete[max(good)]}"
+        if max(good) == newest:
+            return f"{verified}; a restart resumes from it"
+        return f"{suspect}; {verified}: restart with --checkpoint.load_step {max(good)}"

@@ -202,6 +202,7 @@ class Float8:
 @dataclass
 class Comm:
     init_timeout_seconds: int = opt(300, "timeout for the first collective")
+    warmup_timeout_seconds: int = opt(120, "deadline of each mesh group's first collective at start-up")
     train_timeout_seconds: int = opt(100, "timeout for collectives after the first step")
     trace_buf_size: int = opt(20000, "NCCL flight-recorder entries (0 disables)")
 

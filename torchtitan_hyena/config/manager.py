@@ -121,6 +121,8 @@ def _is_number(text: str) -> bool:
 def load_toml(path: str) -> dict[str, Any]:
     """Read a TOML file, turning I/O and syntax problems into one-line errors."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a TOML file via --job.config_file")
     if not p.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing TOML via --job.config_file")
     try:
@@ -128,6 +130,8 @@ def load_toml(path: str) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read ({e}); pass a readable TOML file") from None
 
 
 def validate(config: JobConfig) -> None:
@@ -147,6 +151,7 @@ def validate(config: JobConfig) -> None:
         "parallelism.context_parallel_degree": c.parallelism.context_parallel_degree,
         "comm.init_timeout_seconds": c.comm.init_timeout_seconds,
         "comm.train_timeout_seconds": c.comm.train_timeout_seconds,
+        "comm.warmup_timeout_seconds": c.comm.warmup_timeout_seconds,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -205,8 +210,33 @@ def validate(config: JobConfig) -> None:
             )
     if c.float8.emulate and c.compile.enable and c.float8.enable:
         raise ConfigError("float8.emulate works in eager mode only; set compile.enable = false")
+    f8 = c.float8
+    for key in ("enable_fsdp_float8_all_gather", "precompute_float8_dynamic_scale_for_fsdp"):
+        if getattr(f8, key) and not f8.enable:
+            raise ConfigError(f"float8.{key} = true needs float8.enable = true; set one of them differently")
+    _validate_model(c)
     if c.validation.enable and c.validation.steps == 0:
         raise ConfigError("validation.steps must be positive or -1 (whole split), got 0")
+
+
+def _validate_model(c: JobConfig) -> None:
+    """``[model]`` numbers that no model can use (-1 means "keep the flavor's")."""
+    m = c.model
+    for key in ("rope_theta", "rope_pi_factor", "embedding_init_std"):
+        value = getattr(m, key)
+        if value != -1.0 and value <= 0:
+            raise ConfigError(f"model.{key} must be positive, or -1 to keep the flavor's, got {value}")
+    for key in ("rope_scaling_factor", "rope_low_freq_factor", "rope_original_max_position"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.{key} must be positive, got {getattr(m, key)}")
+    if m.rope_low_freq_factor >= m.rope_high_freq_factor:
+        raise ConfigError(
+            f"model.rope_low_freq_factor {m.rope_low_freq_factor} must be below model.rope_high_freq_factor "
+            f"{m.rope_high_freq_factor} (Llama 3.1: 1 and 4)"
+        )
+    for key in ("attention_dropout", "hidden_dropout"):
+        if not 0.0 <= getattr(m, key) < 1.0:
+            raise ConfigError(f"model.{key} must be in [0, 1), got {getattr(m, key)}")
 
 
 class ConfigManager:

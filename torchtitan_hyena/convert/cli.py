@@ -13,6 +13,7 @@ from torchtitan_hyena.convert.llama import dcp_to_llama, llama_to_dcp
 from torchtitan_hyena.dtypes import DTYPES, WEIGHT_DTYPES
 from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.tools.logging import init_logger, logger
+from torchtitan_hyena.tools.outputs import check_output_dir, check_writable_file
 
 
 @contextlib.contextmanager
@@ -51,6 +52,7 @@ def llama_to_dcp_main(argv: list[str] | None = None) -> None:
     )
     a = p.parse_args(argv)
     init_logger()
+    check_output_dir(a.output_dir, a.overwrite)
     with _sigterm_as_interrupt():
         llama_to_dcp(
             a.input_dir,
@@ -79,6 +81,7 @@ def dcp_to_llama_main(argv: list[str] | None = None) -> None:
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     a = p.parse_args(argv)
     init_logger()
+    check_output_dir(a.output_dir, a.overwrite)
     token = None
     if a.push_to_hub:
         if not a.hf_repo_name:
@@ -112,6 +115,7 @@ def evo2_to_dcp_main(argv: list[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     a = p.parse_args(argv)
     init_logger()
+    check_output_dir(a.output_dir, a.overwrite)
     with _sigterm_as_interrupt():
         convert_evo2_to_dcp(a.input, a.config, a.output_dir, overwrite=a.overwrite)
 
@@ -133,5 +137,8 @@ def dcp_to_evo2_main(argv: list[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     a = p.parse_args(argv)
     init_logger()
+    check_writable_file(a.output, "--output", a.overwrite)
+    if a.yaml:
+        check_writable_file(a.yaml, "--yaml", a.overwrite)
     with _sigterm_as_interrupt():
         convert_dcp_to_evo2(a.input_dir, a.output, a.dtype, a.yaml, overwrite=a.overwrite)

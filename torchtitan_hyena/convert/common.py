@@ -1,13 +1,9 @@
-"""Pieces every converter shares: all-or-nothing output folders and streaming DCP writes."""
+"""Pieces every converter shares: lazy tensors and streaming DCP writes (outputs: ``tools/outputs.py``)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,38 +12,24 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
-from torchtitan_hyena.components.checkpoint import dcp_error
+from torchtitan_hyena.components.dcp_reader import dcp_error, short_reason
 from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.protocols.state_dict_adapter import LazyTensor
 from torchtitan_hyena.tools.logging import logger
 
 
-@contextlib.contextmanager
-def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target`` that becomes ``target`` only if the block succeeds.
-
-    A crash, an error or Ctrl-C leaves no partial output: the temporary folder is removed. An
-    existing non-empty ``target`` is refused unless ``overwrite``; it is replaced only at the end.
-    """
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise UserError(f"output {target} exists and is not a folder; choose another --output_dir")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise UserError(f"output folder {target} exists and is not empty; pass --overwrite or choose another")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+def load_torch_file(path: Path, source: str = "", safe_globals: Sequence[type] = ()) -> Any:
+    """``torch.load`` of a checkpoint file, memory-mapped and ``weights_only`` (plus ``safe_globals``), with a
+    one-line error saying what is wrong: damaged or truncated, or holding objects that could run code."""
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():  # empty, or --overwrite: set it aside, then swap the new folder in
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        if "Weights only load failed" in str(e):
+            reason = "it holds objects other than tensors, and loading them could run code; refused"
+        else:
+            reason = f"not a complete PyTorch checkpoint, truncated or damaged ({short_reason(e)}); download it again"
+        raise UserError(f"cannot read {source or path}: {reason}") from None
 
 
 class _LazySavePlanner(DefaultSavePlanner):

@@ -9,27 +9,26 @@ adapter (``models/hyena/state_dict_adapter.py``).
 from __future__ import annotations
 
 import io
-import os
 import re
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from torchtitan_hyena.build import load_model
-from torchtitan_hyena.convert.common import atomic_output_dir, save_dcp_streaming, with_progress
+from torchtitan_hyena.convert.common import load_torch_file, save_dcp_streaming, with_progress
 from torchtitan_hyena.dtypes import DTYPES
 from torchtitan_hyena.errors import ConfigError, UserError
 from torchtitan_hyena.models.hyena.args import HyenaArgs
 from torchtitan_hyena.models.hyena.state_dict_adapter import VortexAdapter
-from torchtitan_hyena.protocols.model import read_model_args, write_model_args
+from torchtitan_hyena.protocols.model import MODEL_ARGS_FILE, read_model_args, write_model_args
 from torchtitan_hyena.protocols.train_spec import get_flavor_args, get_train_spec
 from torchtitan_hyena.tools.logging import logger
+from torchtitan_hyena.tools.outputs import atomic_output_dir, atomic_output_file, check_writable_file
 
 MODEL_NAME = "hyena"
 
@@ -53,7 +52,10 @@ def load_config(config: str) -> tuple[HyenaArgs, str]:
         raise ConfigError(f"--config {config} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"--config {config} does not hold a vortex config mapping")
-    return VortexAdapter.args_from_config(cfg, str(path)), f"vortex:{path.name}"
+    try:
+        return VortexAdapter.args_from_config(cfg, str(path)), f"vortex:{path.name}"
+    except (TypeError, ValueError) as e:  # e.g. hidden_size: "big"
+        raise ConfigError(f"--config {config} has a value of the wrong type ({e}); fix the YAML") from None
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -85,25 +87,18 @@ def checkpoint_files(path: str | Path) -> list[Path]:
 @contextmanager
 def open_state_dict(path: str | Path, scratch: Path) -> Iterator[tuple[dict[str, Any], str]]:
     """Memory-mapped, ``weights_only`` load of a vortex checkpoint; byte shards are first joined into one
-    temporary file under ``scratch`` (removed on exit), since only a single file can be mapped."""
+    temporary file in the folder ``scratch`` (removed on exit), since only a single file can be mapped."""
     files = checkpoint_files(path)
     source = str(files[0]) if len(files) == 1 else f"{files[0].name}..{files[-1].name}"
     merged = None
     try:
         if len(files) > 1:
-            fd, name = tempfile.mkstemp(prefix=".evo2-merge-", suffix=".pt", dir=scratch)
-            merged = Path(name)
-            with os.fdopen(fd, "wb") as out:
+            merged = scratch / "merged-shards.pt"
+            with merged.open("wb") as out:
                 for f in files:
                     with f.open("rb") as src:
                         shutil.copyfileobj(src, out, 64 << 20)
-        target = merged or files[0]
-        try:
-            with torch.serialization.safe_globals([io.BytesIO]):
-                state = torch.load(target, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:  # truncated zip, pickle, or not a torch file at all
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"{source} is not a complete PyTorch checkpoint ({reason[:160]})") from None
+        state = load_torch_file(merged or files[0], source, safe_globals=[io.BytesIO])  # TE's _extra_state blobs
         if isinstance(state, dict) and "module" in state and not any(k.startswith("blocks.") for k in state):
             raise UserError(f"{source} is a savanna checkpoint ({{'module': ...}}); export it to vortex format first")
         if not isinstance(state, dict):
@@ -120,7 +115,7 @@ def convert_evo2_to_dcp(input_path: str | Path, config: str, output_dir: str | P
     out = Path(output_dir)
     args, flavor = load_config(config)
     t0 = time.perf_counter()
-    with atomic_output_dir(out, overwrite) as tmp, open_state_dict(input_path, out.parent) as (state, source):
+    with atomic_output_dir(out, overwrite) as tmp, open_state_dict(input_path, tmp) as (state, source):
         tensors = VortexAdapter(args).from_external(state, source)
         logger.info(f"{source}: {args.n_layers} layers {args.layout}, dim {args.dim}; writing {len(tensors)} tensors")
         save_dcp_streaming(with_progress(tensors), tmp)
@@ -138,35 +133,20 @@ def convert_dcp_to_evo2(
     out = Path(output)
     if out.suffix != ".pt":
         raise UserError(f"--output {output} must end in .pt (vortex loads a .pt state dict)")
-    for path in [out] + ([Path(yaml_out)] if yaml_out else []):
-        if path.exists() and not overwrite:
-            raise UserError(f"output {path} already exists; pass --overwrite or choose another path")
+    for path, what in [(out, "--output")] + ([(Path(yaml_out), "--yaml")] if yaml_out else []):
+        check_writable_file(path, what, overwrite)
     name, _flavor, values = read_model_args(input_dir)
     if name != MODEL_NAME:
-        raise UserError(f"{input_dir} holds a {name!r} model; dcp_to_evo2 exports hyena checkpoints only")
-    adapter = VortexAdapter(HyenaArgs.from_dict(values))
+        raise UserError(
+            f"{input_dir} holds a {name!r} model; dcp_to_evo2 exports hyena checkpoints only (llama3: dcp_to_llama.py)"
+        )
+    adapter = VortexAdapter(HyenaArgs.from_dict(values, str(Path(input_dir) / MODEL_ARGS_FILE)))
     text = yaml.safe_dump(adapter.config(), sort_keys=False)
     model = load_model(input_dir, torch.device("cpu"))
     state = adapter.to_external(model.state_dict(), DTYPES[dtype])
-    writes = [(out, lambda f: torch.save(state, f))]
-    if yaml_out:
-        writes.append((Path(yaml_out), lambda f: f.write(text.encode())))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_writes(writes)
+    with ExitStack() as stack:  # both files appear, or neither
+        torch.save(state, stack.enter_context(atomic_output_file(out, overwrite)))
+        if yaml_out:
+            stack.enter_context(atomic_output_file(yaml_out, overwrite)).write_text(text)
     logger.info(f"wrote {out} ({len(state)} tensors, {dtype}; LI filters and inv_freq fp32)")
     return out
-
-
-def _atomic_writes(writes: list[tuple[Path, Callable[[Any], Any]]]) -> None:
-    """Write every file under a temporary name, then rename them all: all files appear or none."""
-    temps = [path.with_name(f".{path.name}.partial-{os.getpid()}") for path, _ in writes]
-    try:
-        for tmp, (_, write) in zip(temps, writes):
-            with tmp.open("wb") as f:
-                write(f)
-        for tmp, (path, _) in zip(temps, writes):
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-        raise

@@ -12,33 +12,34 @@ Seeding another model family from Llama (e.g. a StripedHyena 2 hybrid) goes thro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchtitan_hyena.build import model_shapes
-from torchtitan_hyena.components.checkpoint import dcp_error, read_metadata
-from torchtitan_hyena.convert.common import atomic_output_dir, save_dcp_streaming, with_progress
+from torchtitan_hyena.components.dcp_reader import load_dcp, read_dcp_metadata, short_reason
+from torchtitan_hyena.convert.common import load_torch_file, save_dcp_streaming, with_progress
 from torchtitan_hyena.convert.hub import write_model_card
 from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.models.llama3.args import Llama3Args
 from torchtitan_hyena.models.llama3.state_dict_adapter import EMBEDDING_KEYS, HFAdapter, MetaAdapter, flavor_of
-from torchtitan_hyena.protocols.model import read_model_args, write_model_args
+from torchtitan_hyena.protocols.model import MODEL_ARGS_FILE, read_model_args, write_model_args
 from torchtitan_hyena.protocols.state_dict_adapter import LazyTensor
 from torchtitan_hyena.protocols.train_spec import get_train_spec
 from torchtitan_hyena.tools.logging import logger
+from torchtitan_hyena.tools.outputs import atomic_output_dir
 
 MODEL_NAME = "llama3"
 
@@ -83,10 +84,10 @@ def _check_tensor_set(shapes: dict[str, tuple[int, ...]], args: Llama3Args, wher
 
 
 def _load_pth(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    sd = load_torch_file(path)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{path} does not hold a state dict of tensors; is it a Meta Llama checkpoint shard?")
+    return sd
 
 
 def _load_meta_tensor(
@@ -111,7 +112,7 @@ def read_meta_checkpoint(folder: Path) -> LlamaCheckpoint:
     params_path = folder / "params.json"
     if not params_path.is_file():
         raise UserError(f"{folder} has consolidated.*.pth but no params.json; copy in the checkpoint's params.json")
-    args = MetaAdapter.args_from_config(_read_json(params_path), str(params_path))
+    params = _read_json(params_path)
     numbered = {int(m.group(1)): p for p in folder.iterdir() if (m := _META_SHARD_RE.match(p.name))}
     if not numbered:
         raise UserError(f"{folder} has params.json but no consolidated.NN.pth weights")
@@ -134,14 +135,15 @@ def read_meta_checkpoint(folder: Path) -> LlamaCheckpoint:
                     f"inconsistent shards: {key} is {list(shape)} in {p.name} but {list(first[key][0])} in "
                     f"{shards[0].name}; all shards must come from one checkpoint"
                 )
+    # Llama 2's params.json leaves the vocabulary to the weights (vocab_size -1); its shards split embedding columns.
+    vocab = first["tok_embeddings.weight"][0][0] if "tok_embeddings.weight" in first else None
+    args = MetaAdapter.args_from_config(params, str(params_path), weights_vocab_size=vocab)
     adapter = MetaAdapter(args)
     dims = {k: adapter.shard_dim(k, shape) if len(shards) > 1 else None for k, (shape, _) in first.items()}
     merged = {}
     for key, (shape, _) in first.items():
         d = dims[key]
         merged[key] = shape if d is None else (*shape[:d], shape[d] * len(shards), *shape[d + 1 :])
-    if args.vocab_size <= 0 and "tok_embeddings.weight" in merged:  # Llama 2's params.json says -1
-        args.vocab_size = merged["tok_embeddings.weight"][0]
     _check_tensor_set(merged, args, str(folder), "check params.json and that all shards belong to this checkpoint")
     tensors = {}
     for k in merged:
@@ -168,13 +170,28 @@ def _hf_weight_files(folder: Path) -> dict[str, Path]:
         raise UserError(f"{folder} has config.json but no .safetensors weights ({found})")
     files = {}
     for p in paths:
-        with safe_open(p, framework="pt") as f:
+        with _safetensors(p) as f:
             files.update(dict.fromkeys(f.keys(), p))
     return files
 
 
+@contextlib.contextmanager
+def _safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open(path)``, with a one-line error for a file that is not (or no longer) valid safetensors."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except UserError:
+        raise
+    except Exception as e:  # SafetensorError (bad header, truncated data), OSError
+        raise UserError(
+            f"cannot read {path}: not a complete safetensors file, truncated or damaged ({short_reason(e)}); "
+            "download it again"
+        ) from None
+
+
 def _load_hf_tensor(path: Path, name: str) -> torch.Tensor:
-    with safe_open(path, framework="pt") as f:  # opened per tensor, for the same reason as _load_meta_tensor
+    with _safetensors(path) as f:  # opened per tensor, for the same reason as _load_meta_tensor
         return f.get_tensor(name)
 
 
@@ -185,12 +202,9 @@ def read_hf_checkpoint(folder: Path) -> LlamaCheckpoint:
     files = _hf_weight_files(folder)
     stored = {}
     for name, path in files.items():
-        try:
-            with safe_open(path, framework="pt") as f:
-                info = f.get_slice(name)
-                shape, st_dtype = tuple(info.get_shape()), info.get_dtype()
-        except Exception as e:
-            raise UserError(f"cannot read {name} from {path} ({type(e).__name__}: {e})") from None
+        with _safetensors(path) as f:
+            info = f.get_slice(name)
+            shape, st_dtype = tuple(info.get_shape()), info.get_dtype()
         if st_dtype not in _ST_DTYPES:
             raise UserError(f"{path}: {name} is stored as {st_dtype}; only floating-point weights convert")
         stored[name] = LazyTensor(shape, _ST_DTYPES[st_dtype], lambda p=path, n=name: _load_hf_tensor(p, n))
@@ -278,7 +292,7 @@ class _Stored:
 
 def _locate_model_tensors(step_dir: Path, args: Llama3Args) -> dict[str, _Stored]:
     """Where each model tensor sits in the DCP, from its metadata: optimizer and loader state are never read."""
-    meta = read_metadata(step_dir)
+    meta = read_dcp_metadata(step_dir).state_dict_metadata
     expected = expected_shapes(args)
     found = {}
     for key in expected:
@@ -300,16 +314,7 @@ def _locate_model_tensors(step_dir: Path, args: Llama3Args) -> dict[str, _Stored
 def _load_tensors(step_dir: Path, stored: dict[str, _Stored], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Read only the listed tensors (DCP copies into buffers of the requested dtype)."""
     buffers = {s.key: torch.empty(s.shape, dtype=dtype) for s in stored.values()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            dcp.load(buffers, checkpoint_id=str(step_dir), planner=DefaultLoadPlanner(), no_dist=True)
-        except (Exception, CheckpointException) as e:
-            cause = dcp_error(e)
-            if not isinstance(cause, Exception):
-                raise cause from None
-            detail = f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
-            raise UserError(f"could not read the model tensors of {step_dir} ({detail})") from None
+    load_dcp(buffers, step_dir)
     return {k: buffers[s.key] for k, s in stored.items()}
 
 
@@ -366,8 +371,11 @@ def dcp_to_llama(
         raise UserError(f"--format {fmt!r} is not supported; use hf or pth")
     name, flavor, values = read_model_args(step_dir)
     if name != MODEL_NAME:
-        raise UserError(f"{step_dir} holds a {name!r} model; dcp_to_llama.py exports llama3 checkpoints only")
-    args = Llama3Args.from_dict(values)
+        raise UserError(
+            f"{step_dir} holds a {name!r} model; dcp_to_llama.py exports llama3 checkpoints only "
+            "(hyena: dcp_to_evo2.py)"
+        )
+    args = Llama3Args.from_dict(values, str(step_dir / MODEL_ARGS_FILE))
     stored = _locate_model_tensors(step_dir, args)
     if dtype is None:
         dtypes = {s.dtype for s in stored.values()}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from torchtitan_hyena.config.job_config import Parallelism
 from torchtitan_hyena.errors import ConfigError
 from torchtitan_hyena.tools.logging import logger
 
@@ -25,6 +26,18 @@ class ParallelDims:
     world_size: int
     _mesh: DeviceMesh | None = field(default=None, repr=False)
     _flat: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_config(cls, parallelism: Parallelism, world_size: int) -> ParallelDims:
+        """The degrees of a config's ``[parallelism]`` section on ``world_size`` ranks (validated)."""
+        p = parallelism
+        return cls(
+            dp_replicate=p.data_parallel_replicate_degree,
+            dp_shard=p.data_parallel_shard_degree,
+            cp=p.context_parallel_degree,
+            tp=p.tensor_parallel_degree,
+            world_size=world_size,
+        )
 
     def __post_init__(self) -> None:
         self._validate()
@@ -100,6 +113,17 @@ class ParallelDims:
         if dim is None:
             return None
         return self._flat[dim] if dim in self._flat else self.world_mesh[dim]
+
+    def named_meshes(self) -> dict[str, DeviceMesh]:
+        """Every 1-D mesh of the layout by name, in the same order on every rank: the mesh dimensions (outermost
+        first), the flattened ones, then the dimensions of a 2-D FSDP mesh (HSDP) as ``fsdp.<dim>``."""
+        mesh = self.world_mesh
+        named = {name: mesh[name] for name in mesh.mesh_dim_names or ()}
+        named.update(self._flat)
+        fsdp = self.fsdp_mesh()
+        if fsdp is not None and fsdp.ndim == 2:
+            named.update((f"fsdp.{name}", fsdp[name]) for name in fsdp.mesh_dim_names)
+        return {name: m for name, m in named.items() if m.ndim == 1}
 
     def fsdp_mesh(self) -> DeviceMesh | None:
         """FSDP mesh (dp_shard x cp), or the 2-D HSDP mesh with dp_replicate; None without DP or CP."""

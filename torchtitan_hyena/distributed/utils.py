@@ -13,6 +13,10 @@ from torch.distributed.tensor import DTensor
 
 from torchtitan_hyena.tools.logging import logger
 
+# torch 2.13 renames the tensor-form collectives (the old names warn); torch 2.11 has only the old ones.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 _WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 

@@ -4,16 +4,78 @@ One kernel source serves CUDA, ROCm (HIP) and the CPU interpreter; only the laun
 (``docs/kernels.md`` §3): AMD wavefronts are 64 wide so ``num_warps <= 16``, LDS is 64 KB, and the AMD-only
 compile options (``waves_per_eu``, ``matrix_instr_nonkdim``) are rejected by the CUDA backend (as ``maxnreg`` is
 by HIP). The interpreter gets a single configuration: autotuning there would query a GPU driver.
+
+Importing this module (every kernel module does) first checks that the installed Triton is the one the torch build
+runs with: ROCm torch wheels bring theirs as ``pytorch-triton-rocm``, and pip installs PyPI's ``triton`` (the build
+CUDA wheels pin) over it whenever something requires ``triton``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 
 import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
+
+from torchtitan_hyena.errors import UserError
+
+ROCM_TRITON, CUDA_TRITON = "pytorch-triton-rocm", "triton"
+
+
+def _installed(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _torch_pin(dist: str) -> str:
+    """The version torch's wheel requires of ``dist`` (``==3.6.0``), or "" when its metadata names none."""
+    for requirement in metadata.requires("torch") or []:
+        found = re.match(rf"{re.escape(dist)}\s*(==\s*[^;\s]+)", requirement)
+        if found:
+            return found.group(1).replace(" ", "")
+    return ""
+
+
+def triton_mismatch() -> str | None:
+    """Why the installed Triton is not the build this torch runs with (a ROCm torch with PyPI's triton, a CUDA torch
+    with pytorch-triton-rocm), naming both versions and the fix; None when they match or torch is a CPU build."""
+    if torch.version.hip:
+        build, wanted, foreign = f"ROCm build (HIP {torch.version.hip})", ROCM_TRITON, CUDA_TRITON
+    elif torch.version.cuda:
+        build, wanted, foreign = f"CUDA build ({torch.version.cuda})", CUDA_TRITON, ROCM_TRITON
+    else:
+        return None
+    found = _installed(foreign)
+    if found is None:
+        return None
+    have = _installed(wanted)
+    pin = _torch_pin(wanted)
+    fix = f"pip uninstall -y {foreign} && pip install --force-reinstall --no-deps '{wanted}{pin}'"
+    if wanted == ROCM_TRITON:
+        local = torch.__version__.partition("+")[2]
+        index = f"nightly/{local}" if ".dev" in torch.__version__ else local
+        fix += f" --index-url https://download.pytorch.org/whl/{index or '<the index torch came from>'}"
+    over = f" (installed over {wanted} {have})" if have else ""
+    return (
+        f"torch {torch.__version__} is a {build} but the installed Triton is {foreign} {found}{over}; "
+        f"torch.compile and the Triton kernels need {wanted}{pin or ' (the version torch was built with)'}: {fix}"
+    )
+
+
+def require_matching_triton() -> None:
+    """Refuse, in one line, a Triton that does not match the torch build (called when the kernels are imported)."""
+    problem = triton_mismatch()
+    if problem:
+        raise UserError(problem)
+
+
+require_matching_triton()
 
 LDS_BYTES_HIP = 64 * 1024
 MAX_CHUNK = 128  # Toeplitz chunk of the 128-tap Hyena-MR filter

@@ -51,34 +51,42 @@ OPTIMIZER_STATES = {"AdamW": 2, "Adam": 2}  # state tensors per parameter, in th
 HELP = """top-level flags (not config keys):
   --dry_run            build the mesh, meta model and parallelize plan for --world_size ranks in this one process
                        (fake process group), print per-rank memory and a verdict; touches no data or dump folder
-  --world_size N       world size for --dry_run (default: the product of the config's parallel degrees)
-  --device NAME|GiB    memory budget for the verdict: mi250x (one GCD, default), h100, h200, or a number of GiB"""
+  --check              run every check training runs before it starts (config, layout for --world_size ranks,
+                       model, output folders, the checkpoint to seed from) in this one process, then exit; what
+                       run_train.sh and the Frontier job scripts run before launching
+  --world_size N       world size for --dry_run/--check (default: the product of the config's parallel degrees)
+  --device NAME|GiB    --dry_run: memory budget for the verdict: mi250x (one GCD, default), h100, h200, or a number
+                       of GiB; --check: the device to judge (default: this machine's)"""
 
 
 # ---------------------------------------------------------------------------------------------- flags
 @dataclass
 class DryRunFlags:
     world_size: int | None = None
-    device: str = "mi250x"
+    device: str | None = None  # None: mi250x for --dry_run, this machine for --check
+    check: bool = False  # --check instead of --dry_run
 
 
 def split_flags(argv: list[str]) -> tuple[list[str], DryRunFlags | None]:
-    """Take ``--dry_run``, ``--world_size N`` and ``--device D`` out of ``argv`` (the rest are config options)."""
+    """Take ``--dry_run``/``--check``, ``--world_size N`` and ``--device D`` out of ``argv`` (the rest are config
+    options)."""
     rest: list[str] = []
     flags, dry = DryRunFlags(), False
     seen: set[str] = set()
     i = 0
     while i < len(argv):
         name, eq, value = argv[i].partition("=")
-        if name not in ("--dry_run", "--world_size", "--device"):
+        if name not in ("--dry_run", "--check", "--world_size", "--device"):
             rest.append(argv[i])
             i += 1
             continue
         seen.add(name)
-        if name == "--dry_run":
+        if name in ("--dry_run", "--check"):
             if eq:
-                raise ConfigError("--dry_run takes no value")
-            dry = True
+                raise ConfigError(f"{name} takes no value")
+            if {"--dry_run", "--check"} <= seen:
+                raise ConfigError("--dry_run and --check are alternatives; give one")
+            dry, flags.check = True, name == "--check"
             i += 1
             continue
         if not eq:
@@ -96,9 +104,14 @@ def split_flags(argv: list[str]) -> tuple[list[str], DryRunFlags | None]:
             flags.device = value
     if not dry:
         if seen:
-            raise ConfigError(f"{', '.join(sorted(seen))} only apply with --dry_run")
+            raise ConfigError(f"{', '.join(sorted(seen))} only apply with --dry_run or --check")
         return rest, None
     return rest, flags
+
+
+def target_accelerator(device: str) -> Accelerator:
+    """What the float8 gate sees for a dry-run ``--device`` (a named GPU, or an unknown one given as GiB)."""
+    return TARGET_ACCELERATORS.get(device.lower(), Accelerator("unknown", device))
 
 
 def device_budget_gib(device: str) -> float:
@@ -212,8 +225,7 @@ def dry_run(config: JobConfig, world_size: int | None = None, device: str = "mi2
     c, p = config, config.parallelism
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
-        target = TARGET_ACCELERATORS.get(device.lower(), Accelerator("unknown", device))
-        s = build.setup(c, device=torch.device("cpu"), accelerator=target)
+        s = build.setup(c, target=target_accelerator(device))
         pd, args = s.parallel_dims, s.model_args
         model, nparams, _ = build.build_model(s, materialize=False)
 
@@ -270,7 +282,7 @@ def dry_run(config: JobConfig, world_size: int | None = None, device: str = "mi2
 
 def run(config: JobConfig, flags: DryRunFlags) -> MemoryReport:
     """CLI entry: print the report; a layout that cannot fit is a one-line ConfigError naming the fixes."""
-    report = dry_run(config, flags.world_size, flags.device)
+    report = dry_run(config, flags.world_size, flags.device or "mi250x")
     print(report.table(), flush=True)
     if not report.fits:
         raise ConfigError(

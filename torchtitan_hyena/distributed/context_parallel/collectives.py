@@ -18,10 +18,7 @@ import torch
 import torch.distributed as dist
 
 from torchtitan_hyena.distributed.context_parallel.layout import chunk_ids, chunk_owner
-
-# torch 2.13 renames the tensor-form collectives (the old names warn); torch 2.11 has only the old ones.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from torchtitan_hyena.distributed.utils import all_gather_single, reduce_scatter_single
 
 _trackers: list[Counter] = []
 
@@ -50,7 +47,7 @@ class _AllGather(torch.autograd.Function):
         n = dist.get_world_size(group)
         x = x.contiguous()
         out = x.new_empty((n * x.shape[0], *x.shape[1:]))  # the concatenated form: every backend takes it
-        _all_gather_single(out, x, group=group)
+        all_gather_single(out, x, group=group)
         _record("all_gather", x.nbytes * (n - 1))
         return out.view(n, *x.shape)
 
@@ -59,7 +56,7 @@ class _AllGather(torch.autograd.Function):
         n = dist.get_world_size(ctx.group)
         grad = grad.contiguous()
         out = grad.new_empty(grad.shape[1:])
-        _reduce_scatter_single(out, grad.flatten(0, 1), group=ctx.group)
+        reduce_scatter_single(out, grad.flatten(0, 1), group=ctx.group)
         _record("reduce_scatter", out.nbytes * (n - 1))
         return out, None
 

@@ -60,6 +60,21 @@ class RopeScalingArgs:
             out.update({f.name: getattr(model_config, f.name) for f in dataclasses.fields(RopeScalingArgs)})
         return out
 
+    def rope_checks(self) -> list[tuple[bool, str]]:
+        """(holds, message) of every constraint on the RoPE fields; a family's ``validate`` raises the first broken."""
+        checks = [
+            (self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}"),  # type: ignore[attr-defined]
+            (self.rope_scaling in ("none", "llama3"), f"rope_scaling {self.rope_scaling!r} is not none or llama3"),
+        ]
+        if self.rope_scaling == "llama3":
+            low, high = self.rope_low_freq_factor, self.rope_high_freq_factor
+            checks += [
+                (self.rope_scaling_factor > 0, f"rope_scaling_factor must be positive, got {self.rope_scaling_factor}"),
+                (0 < low < high, f"rope_low_freq_factor {low} must be positive and below rope_high_freq_factor {high}"),
+                (self.rope_original_max_position > 0, "rope_original_max_position must be positive"),
+            ]
+        return checks
+
     def rope_frequencies(self) -> torch.Tensor:
         """This model's inverse RoPE frequencies (scaling included)."""
         return rope_inv_freq(

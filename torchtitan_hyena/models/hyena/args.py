@@ -95,9 +95,9 @@ class HyenaArgs(RopeScalingArgs, BaseModelArgs):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.embedding_init_std <= 0:
             self.embedding_init_std = self.small_init_std
-        self.validate()
 
     @property
     def n_layers(self) -> int:
@@ -113,12 +113,16 @@ class HyenaArgs(RopeScalingArgs, BaseModelArgs):
         return math.sqrt(2 / (5 * self.dim))
 
     def validate(self) -> None:
-        """Reject impossible combinations with a message naming the fix (on construction: args are built, from a
-        flavor and the job config by ``with_config``, never patched)."""
+        """Reject impossible combinations with a message naming the fix."""
         self.layout = parse_layout(self.layout)
+        for name in ("vocab_size", "max_seq_len", "dim", "n_heads", "ffn_hidden_dim", "filter_groups", "state_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"hyena model: {name} must be positive, got {getattr(self, name)}")
         checks = (
             (self.dim % self.n_heads == 0, f"dim {self.dim} must be divisible by n_heads {self.n_heads}"),
             (self.dim % self.filter_groups == 0, f"dim {self.dim} must be divisible by filter_groups"),
+            (self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}"),
+            (min(self.se_filter_len, self.mr_filter_len, self.short_filter_len) > 0, "filter lengths must be positive"),
             (self.li_filter in LI_FILTERS, f"li_filter must be one of {LI_FILTERS}, got {self.li_filter!r}"),
             (self.mlp_activation in MLP_ACTIVATIONS, f"mlp_activation must be one of {MLP_ACTIVATIONS}"),
             (self.mr_decay_preset in MR_DECAY_PRESETS, f"mr_decay_preset must be one of {list(MR_DECAY_PRESETS)}"),
@@ -126,8 +130,8 @@ class HyenaArgs(RopeScalingArgs, BaseModelArgs):
             (0 <= self.attention_dropout < 1, "model.attention_dropout must be in [0, 1)"),
             (0 <= self.hidden_dropout < 1, "model.hidden_dropout must be in [0, 1)"),
             (self.rope_pi_factor > 0, f"rope_pi_factor must be positive, got {self.rope_pi_factor}"),
-            (self.rope_scaling in ("none", "llama3"), f"rope_scaling {self.rope_scaling!r} is not none or llama3"),
             (self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for rotary embeddings"),
+            *self.rope_checks(),
         )
         for ok, message in checks:
             if not ok:

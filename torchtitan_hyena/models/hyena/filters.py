@@ -25,10 +25,13 @@ from torch import Tensor, nn
 from torchtitan_hyena.distributed.context_parallel.convolution import gated_conv_on_channels, gated_conv_with_halo
 from torchtitan_hyena.distributed.context_parallel.layout import ChannelSlice, ContextParallel
 from torchtitan_hyena.distributed.utils import clean_fqn
+from torchtitan_hyena.errors import UserError
+from torchtitan_hyena.models.common.decode import LayerCache
 from torchtitan_hyena.models.common.dtensor import local
 from torchtitan_hyena.models.common.init import InitFn, constant, init_param_, normal, uniform
 from torchtitan_hyena.models.hyena.args import MR_DECAY_PRESETS
-from torchtitan_hyena.ops.conv import gated_causal_conv
+from torchtitan_hyena.models.hyena.decode import gated_fir_decode, modal_decode
+from torchtitan_hyena.ops.conv import expand_groups, gated_causal_conv
 from torchtitan_hyena.ops.fftconv import gated_fft_conv, gated_modal_fft_conv
 
 
@@ -51,7 +54,13 @@ class HyenaFilter(nn.Module):
         """``q * (h * (k*v) + skip * (k*v))`` on local tensors; ``channels``: they hold only those channels."""
         raise NotImplementedError(f"{type(self).__name__} must define gated_conv")
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None) -> Tensor:
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None, cache: LayerCache) -> Tensor:
+        """The gated convolution keeping its decode state in ``cache`` (``models/hyena/decode.py``)."""
+        raise NotImplementedError(f"{type(self).__name__} must define decode")
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None, cache: LayerCache | None = None) -> Tensor:
+        if cache is not None:
+            return self.decode(q, k, v, skip, cache)
         if self.cp is None:
             return self.gated_conv(q, k, v, skip)
         if self.cp_all_positions:
@@ -85,6 +94,10 @@ class ExplicitFilter(HyenaFilter):
     ) -> Tensor:
         h = local(self.h) if channels is None else channels.rows(local(self.h))
         return gated_causal_conv(q, k, v, h, skip, flip=False, impl=self.conv_impl)
+
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None, cache: LayerCache) -> Tensor:
+        weight = lambda: expand_groups(local(self.h).float(), q.shape[-1])  # conv1d order already
+        return gated_fir_decode(cache, q, k, v, skip, weight, self.gated_conv)
 
     def init_fns(self) -> dict[str, InitFn]:
         return {"h": uniform(1 / math.sqrt(self.h.shape[1]))}  # nn.Conv1d default, as savanna's short conv
@@ -143,6 +156,10 @@ class ExplicitSingleDecayFilter(HyenaFilter):
         h = self.impulse_response() if channels is None else channels.rows(self.impulse_response())
         return gated_causal_conv(q, k, v, h, skip, flip=True, impl=self.conv_impl)
 
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None, cache: LayerCache) -> Tensor:
+        weight = lambda: expand_groups(self.impulse_response(), q.shape[-1]).flip(-1)  # lag 0 last
+        return gated_fir_decode(cache, q, k, v, skip, weight, self.gated_conv)
+
     def init_fns(self) -> dict[str, InitFn]:
         return {"h_hat": normal(1e-5 / math.sqrt(self.decay_len))}  # savanna small_init: N(0,1)/sqrt(L)*1e-5
 
@@ -172,6 +189,9 @@ class ImplicitModalFilter(HyenaFilter):
     ) -> Tensor:
         modal = self.modal() if channels is None else tuple(channels.rows(t) for t in self.modal())
         return gated_modal_fft_conv(q, k, v, *modal, skip)
+
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None, cache: LayerCache) -> Tensor:
+        return modal_decode(cache, q, k, v, skip, self.modal, self.gated_conv)
 
     def init_fns(self) -> dict[str, InitFn]:
         order = self.R.shape[1]
@@ -229,6 +249,13 @@ class ImplicitFreeformFilter(HyenaFilter):
     ) -> Tensor:
         h = self.impulse_response(q.shape[1], q.device)
         return gated_fft_conv(q, k, v, h if channels is None else channels.rows(h), skip)
+
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None, cache: LayerCache) -> Tensor:
+        raise UserError(
+            "implicit_freeform Hyena-LI filters cannot generate: their filter is a function of the whole "
+            "sequence length (t/L positional features), so a token's output changes as tokens are appended; "
+            "generate with an implicit_modal model"
+        )
 
     def init_fns(self) -> dict[str, InitFn]:
         fns: dict[str, InitFn] = {}

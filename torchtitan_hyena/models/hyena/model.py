@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchtitan_hyena.distributed.utils import clean_fqn
+from torchtitan_hyena.models.common.decode import DecodeCache, LayerCache
 from torchtitan_hyena.models.common.dtensor import local
 from torchtitan_hyena.models.common.init import constant, init_param_, normal, uniform
 from torchtitan_hyena.models.common.mlp import GatedMLP
@@ -44,9 +45,12 @@ class HyenaBlock(nn.Module):
         self.mlp = GatedMLP(args.dim, args.ffn_hidden_dim, activation=activation)
         self.dropout = nn.Dropout(args.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         u = self.pre_norm(x)
-        x = x + self.dropout(self.mixer(u, cos, sin) if self.kind == "*" else self.mixer(u))
+        # cache by keyword: tensor-parallel input plans count the positional inputs
+        x = x + self.dropout(self.mixer(u, cos, sin, cache=cache) if self.kind == "*" else self.mixer(u, cache=cache))
         return x + self.dropout(self.mlp(self.post_norm(x)))
 
 
@@ -54,6 +58,8 @@ class StripedHyena(nn.Module):
     """``forward(tokens, positions=None) -> logits``; positions (default 0..L-1) only feed RoPE.
 
     With ``tie_embeddings`` there is no output module: logits are ``x @ tok_embeddings.weight.T``.
+    With a :class:`DecodeCache` (generation) the cache gives the positions and the logits are (B, 1, V),
+    those of each row's last valid token: prefill on the first call, one-token steps after it.
     """
 
     # No weight decay on the inner filters (with optimizer.decay_norms_and_embeddings = false); filter MLPs
@@ -70,14 +76,21 @@ class StripedHyena(nn.Module):
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("rope_inv_freq", self.args.rope_frequencies(), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        if positions is None:
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: DecodeCache | None = None
+    ) -> torch.Tensor:
+        if cache is not None:
+            positions = cache.begin(tokens)
+        elif positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         # Linear position interpolation (Evo 2 1M/262k checkpoints): position t becomes t / factor.
         cos, sin = rope_tables(self.rope_inv_freq, positions.float() / self.args.rope_pi_factor)
         h = self.tok_embeddings(tokens)
-        for layer in self.layers.values():
-            h = layer(h, cos, sin)
+        for name, layer in self.layers.items():
+            h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache=cache.layer(name))
+        if cache is not None:
+            h = cache.last(h)
+            cache.end()
         h = self.norm(h)
         if self.output is None:
             return F.linear(h, local(self.tok_embeddings.weight))

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchtitan_hyena.distributed.context_parallel.convolution import conv_with_halo
 from torchtitan_hyena.distributed.context_parallel.layout import ContextParallel
 from torchtitan_hyena.models.common.attention import InnerAttention
+from torchtitan_hyena.models.common.decode import LayerCache, cached_attention, cached_fir
 from torchtitan_hyena.models.common.dtensor import local
 from torchtitan_hyena.models.common.rope import apply_rope_half
 from torchtitan_hyena.models.hyena.args import HyenaArgs
@@ -46,7 +47,9 @@ class ShortConv(nn.Module):
     def conv(self, x: Tensor) -> Tensor:
         return causal_conv(x, local(self.weight), impl=self.conv_impl)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        if cache is not None:
+            return cached_fir(cache, "featurizer", x, lambda: local(self.weight), self.conv)
         return self.conv(x) if self.cp is None else conv_with_halo(self.conv, x, self.taps, self.cp)
 
 
@@ -83,10 +86,10 @@ class HyenaOperator(nn.Module):
         self.D = nn.Parameter(torch.empty(dim)) if kind != "S" else None
         self.out_proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        z = self.featurizer(self.projections(x))
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        z = self.featurizer(self.projections(x), cache=cache)
         q, k, v = z[..., 0::3], z[..., 1::3], z[..., 2::3]
-        y = self.filter(q, k, v, None if self.D is None else local(self.D))
+        y = self.filter(q, k, v, None if self.D is None else local(self.D), cache=cache)
         return self.out_proj(y)
 
 
@@ -105,9 +108,10 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(args.dim, args.dim, bias=True)
         self.inner_attention = InnerAttention(args.attention_backend, dropout=args.attention_dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None) -> Tensor:
         bs, seqlen, _ = x.shape
         q, k, v = self.wqkv(x).view(bs, seqlen, -1, 3, self.head_dim).unbind(3)
         q, k = apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin)
-        out = self.inner_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = self.inner_attention(q, k, v) if cache is None else cached_attention(cache, q, k, v, self.inner_attention)
         return self.out_proj(out.transpose(1, 2).reshape(bs, seqlen, -1))

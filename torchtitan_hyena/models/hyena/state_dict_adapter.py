@@ -219,24 +219,28 @@ class VortexAdapter(StateDictAdapter):
         if cfg.get("mlp_activation", "gelu") != "gelu":
             raise ConfigError(f"{source}: mlp_activation {cfg['mlp_activation']!r} is not supported (Evo 2 uses gelu)")
         pi = float(cfg.get("rotary_emb_scaling_factor") or 1.0) if cfg.get("use_interpolated_rotary_pos_emb") else 1.0
-        return HyenaArgs(
-            dim=dim,
-            layout=layout,
-            n_heads=int(need("num_attention_heads")),
-            ffn_hidden_dim=int(ffn),
-            vocab_size=vocab,
-            max_seq_len=int(cfg.get("max_seqlen") or 8192),
-            filter_groups=groups,
-            se_filter_len=int(cfg.get("hcs_filter_length") or 7),
-            mr_filter_len=int(cfg.get("hcm_filter_length") or 128),
-            short_filter_len=int(cfg.get("short_filter_length") or 3),
-            state_size=int(cfg.get("state_size") or 16),
-            norm_eps=float(cfg.get("eps") or 1e-6),
-            rope_theta=float(cfg.get("rotary_emb_base") or 10000),
-            rope_pi_factor=pi,
-            tie_embeddings=bool(cfg.get("tie_embeddings", True)),
-            mlp_activation="evo2" if cfg.get("evo2_style_activations") else "gelu",
-        )
+        heads = int(need("num_attention_heads"))
+        try:
+            return HyenaArgs(
+                dim=dim,
+                layout=layout,
+                n_heads=heads,
+                ffn_hidden_dim=int(ffn),
+                vocab_size=vocab,
+                max_seq_len=int(cfg.get("max_seqlen") or 8192),
+                filter_groups=groups,
+                se_filter_len=int(cfg.get("hcs_filter_length") or 7),
+                mr_filter_len=int(cfg.get("hcm_filter_length") or 128),
+                short_filter_len=int(cfg.get("short_filter_length") or 3),
+                state_size=int(cfg.get("state_size") or 16),
+                norm_eps=float(cfg.get("eps") or 1e-6),
+                rope_theta=float(cfg.get("rotary_emb_base") or 10000),
+                rope_pi_factor=pi,
+                tie_embeddings=bool(cfg.get("tie_embeddings", True)),
+                mlp_activation="evo2" if cfg.get("evo2_style_activations") else "gelu",
+            )
+        except ConfigError as e:  # HyenaArgs' own checks (positive sizes, divisibility)
+            raise ConfigError(f"{source}: {e}") from None
 
     def config(self) -> dict[str, Any]:
         """A vortex YAML dict for the args (the inverse of :meth:`args_from_config`)."""

@@ -7,8 +7,17 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from torchtitan_hyena.errors import ConfigError
 from torchtitan_hyena.models.common.rope import ROPE_CONFIG_KEYS, RopeScalingArgs
 from torchtitan_hyena.protocols.model import BaseModelArgs
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's rule: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
 @dataclass
@@ -36,6 +45,33 @@ class Llama3Args(RopeScalingArgs, BaseModelArgs):
             **self.rope_overrides(m),
         }
 
+    def validate(self) -> None:
+        """Reject impossible combinations with a message naming the field."""
+        super().validate()
+        positive = {
+            "dim": self.dim,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "multiple_of": self.multiple_of,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"llama3 model: {name} must be positive, got {value}")
+        checks = [
+            (
+                self.kv_heads > 0 and self.n_heads % self.kv_heads == 0,
+                f"n_kv_heads {self.n_kv_heads} must divide n_heads",
+            ),
+            (self.dim % self.n_heads == 0, f"dim {self.dim} must be divisible by n_heads {self.n_heads}"),
+            (self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for rotary embeddings"),
+            (self.ffn_dim_multiplier is None or self.ffn_dim_multiplier > 0, "ffn_dim_multiplier must be positive"),
+            (self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}"),
+            *self.rope_checks(),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"llama3 model: {message}")
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
@@ -46,11 +82,7 @@ class Llama3Args(RopeScalingArgs, BaseModelArgs):
 
     @property
     def ffn_hidden_dim(self) -> int:
-        """Meta's rule: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of."""
-        hidden = int(2 * 4 * self.dim / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, float]:
         """6 * (non-embedding params) + 12 * layers * heads * head_dim * seq_len per token (TorchTitan/PaLM)."""

@@ -7,6 +7,7 @@ from torch import nn
 
 from torchtitan_hyena.distributed.utils import clean_fqn
 from torchtitan_hyena.models.common.attention import InnerAttention
+from torchtitan_hyena.models.common.decode import DecodeCache, LayerCache, cached_attention
 from torchtitan_hyena.models.common.init import constant, init_param_, normal, trunc_normal
 from torchtitan_hyena.models.common.mlp import GatedMLP
 from torchtitan_hyena.models.common.rope import apply_rope_interleaved, rope_tables
@@ -25,14 +26,17 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.inner_attention = InnerAttention(args.attention_backend)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         bs, seqlen, _ = x.shape
         # -1 instead of the head count: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(bs, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bs, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
         q, k = apply_rope_interleaved(q, cos, sin), apply_rope_interleaved(k, cos, sin)
-        out = self.inner_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = self.inner_attention(q, k, v) if cache is None else cached_attention(cache, q, k, v, self.inner_attention)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
 
@@ -45,13 +49,20 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = GatedMLP(args.dim, args.ffn_hidden_dim, activation="silu")
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        # cache by keyword: tensor-parallel input plans count the positional inputs
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache=cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
-    """Llama 3 decoder. ``forward(tokens, positions=None) -> logits``; positions default to 0..L-1."""
+    """Llama 3 decoder. ``forward(tokens, positions=None) -> logits``; positions default to 0..L-1.
+
+    With a :class:`DecodeCache` (generation) the cache gives the positions and the logits are (B, 1, V),
+    those of each row's last valid token: prefill on the first call, one-token steps after it.
+    """
 
     def __init__(self, args: Llama3Args) -> None:
         super().__init__()
@@ -62,13 +73,20 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("rope_inv_freq", self.args.rope_frequencies(), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        if positions is None:
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: DecodeCache | None = None
+    ) -> torch.Tensor:
+        if cache is not None:
+            positions = cache.begin(tokens)
+        elif positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         cos, sin = rope_tables(self.rope_inv_freq, positions)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, cos, sin)
+        for name, layer in self.layers.items():
+            h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache=cache.layer(name))
+        if cache is not None:
+            h = cache.last(h)
+            cache.end()
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

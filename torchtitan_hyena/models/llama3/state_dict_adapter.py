@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from torchtitan_hyena.errors import UserError
-from torchtitan_hyena.models.llama3.args import Llama3Args
+from torchtitan_hyena.models.llama3.args import Llama3Args, ffn_hidden_dim
 from torchtitan_hyena.models.llama3.flavors import llama3_flavors
 from torchtitan_hyena.protocols.state_dict_adapter import LazyTensor, StateDictAdapter
 
@@ -118,18 +118,9 @@ def ffn_args(dim: int, hidden: int) -> tuple[int, float | None]:
     pow2 = hidden & -hidden
     candidates = [(pow2, None), *((pow2, round(hidden / base, d)) for d in range(1, 5)), (1, (hidden + 0.5) / base)]
     for multiple_of, multiplier in candidates:
-        if Llama3Args(dim=dim, multiple_of=multiple_of, ffn_dim_multiplier=multiplier).ffn_hidden_dim == hidden:
+        if ffn_hidden_dim(dim, multiple_of, multiplier) == hidden:
             return multiple_of, multiplier
     raise UserError(f"intermediate_size {hidden} cannot be expressed by Meta's FFN rule for hidden_size {dim}")
-
-
-def _check_heads(args: Llama3Args, source: str) -> Llama3Args:
-    if args.dim % args.n_heads or args.head_dim % 2 or args.n_heads % args.kv_heads:
-        raise UserError(
-            f"{source}: dim {args.dim}, {args.n_heads} heads and {args.kv_heads} KV heads do not form a Llama "
-            "(dim must split into heads of even size, and heads into KV groups)"
-        )
-    return args
 
 
 def _rope_from_hf(config: dict[str, Any], source: str) -> dict[str, Any]:
@@ -158,8 +149,11 @@ class MetaAdapter(StateDictAdapter):
     format = "meta"
 
     @staticmethod
-    def args_from_config(params: dict[str, Any], source: str = "params.json") -> Llama3Args:
-        """Llama3Args from Meta's params.json (Llama 2 and 3.x). A vocab_size of -1 is left for the weights to fix."""
+    def args_from_config(
+        params: dict[str, Any], source: str = "params.json", weights_vocab_size: int | None = None
+    ) -> Llama3Args:
+        """Llama3Args from Meta's params.json (Llama 2 and 3.x), checked like any model args. Llama 2's file leaves
+        the vocabulary to the weights (``vocab_size`` -1): the reader passes ``weights_vocab_size``."""
         unknown = sorted(set(params) - _META_PARAMS)
         if unknown:
             raise UserError(f"{source} has fields {unknown} this converter does not know: only Llama 2/3 text models")
@@ -167,27 +161,27 @@ class MetaAdapter(StateDictAdapter):
         if missing:
             raise UserError(f"{source} lacks {missing}: is it the params.json of a Meta Llama checkpoint?")
         default = Llama3Args()
-        args = Llama3Args(
-            dim=params["dim"],
-            n_layers=params["n_layers"],
-            n_heads=params["n_heads"],
-            n_kv_heads=params.get("n_kv_heads"),
-            vocab_size=params.get("vocab_size", -1),
-            multiple_of=params.get("multiple_of", 256),
-            ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-            norm_eps=params.get("norm_eps", 1e-5),
-            rope_theta=params.get("rope_theta", 10000.0),  # Llama 1/2 files omit it; Meta's code then uses 1e4
-            max_seq_len=params.get("max_seq_len", default.max_seq_len),
-        )
+        vocab_size = params.get("vocab_size", -1)
+        if vocab_size == -1 and weights_vocab_size is not None:
+            vocab_size = weights_vocab_size
+        values = {
+            "dim": params["dim"],
+            "n_layers": params["n_layers"],
+            "n_heads": params["n_heads"],
+            "n_kv_heads": params.get("n_kv_heads"),
+            "vocab_size": vocab_size,
+            "multiple_of": params.get("multiple_of", 256),
+            "ffn_dim_multiplier": params.get("ffn_dim_multiplier"),
+            "norm_eps": params.get("norm_eps", 1e-5),
+            "rope_theta": params.get("rope_theta", 10000.0),  # Llama 1/2 files omit it; Meta's code then uses 1e4
+            "max_seq_len": params.get("max_seq_len", default.max_seq_len),
+        }
         if params.get("use_scaled_rope"):  # Llama 3.1+: Meta's code fixes factors 8 / 1 / 4 / 8192 unless given
-            args.rope_scaling = "llama3"
-            args.rope_scaling_factor = params.get("rope_scaling_factor", default.rope_scaling_factor)
-            args.rope_low_freq_factor = params.get("rope_low_freq_factor", default.rope_low_freq_factor)
-            args.rope_high_freq_factor = params.get("rope_high_freq_factor", default.rope_high_freq_factor)
-            args.rope_original_max_position = params.get(
-                "rope_original_max_position", default.rope_original_max_position
-            )
-        return _check_heads(args, source)
+            values["rope_scaling"] = "llama3"
+            for key in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                        "rope_original_max_position"):  # fmt: skip
+                values[key] = params.get(key, getattr(default, key))
+        return Llama3Args.from_dict(values, source)
 
     def config(self) -> dict[str, Any]:
         """params.json for Meta's reference code (and for :meth:`args_from_config`)."""
@@ -249,26 +243,31 @@ class HFAdapter(StateDictAdapter):
                 raise UserError(f"{source}: {flag} = true is not supported (this Llama has no biases)")
         if config.get("hidden_act", "silu") != "silu":
             raise UserError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (Llama uses silu)")
+        for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+            if not isinstance(config.get(key, 0), int) or isinstance(config.get(key), bool):
+                raise UserError(f"{source}: {key} = {config[key]!r} is not an integer")
         try:
             dim, heads = config["hidden_size"], config["num_attention_heads"]
+            if heads <= 0:
+                raise UserError(f"{source}: num_attention_heads must be positive, got {heads}")
             if config.get("head_dim") not in (None, dim // heads):
                 raise UserError(f"{source}: head_dim {config['head_dim']} != hidden_size / heads is not supported")
             multiple_of, multiplier = ffn_args(dim, config["intermediate_size"])
-            args = Llama3Args(
-                dim=dim,
-                n_layers=config["num_hidden_layers"],
-                n_heads=heads,
-                n_kv_heads=config.get("num_key_value_heads"),
-                vocab_size=config["vocab_size"],
-                multiple_of=multiple_of,
-                ffn_dim_multiplier=multiplier,
-                norm_eps=config.get("rms_norm_eps", 1e-6),
-                max_seq_len=config.get("max_position_embeddings", Llama3Args().max_seq_len),
+            values = {
+                "dim": dim,
+                "n_layers": config["num_hidden_layers"],
+                "n_heads": heads,
+                "n_kv_heads": config.get("num_key_value_heads"),
+                "vocab_size": config["vocab_size"],
+                "multiple_of": multiple_of,
+                "ffn_dim_multiplier": multiplier,
+                "norm_eps": config.get("rms_norm_eps", 1e-6),
+                "max_seq_len": config.get("max_position_embeddings", Llama3Args().max_seq_len),
                 **_rope_from_hf(config, source),
-            )
+            }
         except KeyError as e:
             raise UserError(f"{source} lacks {e.args[0]!r}: is it a complete LlamaConfig?") from None
-        return _check_heads(args, source)
+        return Llama3Args.from_dict(values, source)
 
     def config(self, dtype: torch.dtype) -> dict[str, Any]:
         """config.json of the equivalent ``LlamaForCausalLM`` (readable by transformers 4.43+ and 5)."""
