@@ -63,7 +63,7 @@ def test_fp32_toeplitz_does_not_fit_amd_lds():
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_configs_use_only_cuda_options(kind):
     configs = tb.kernel_configs(kind, CUDA_TARGET, op_bytes=2, max_block_d=128, chunk=128)
-    assert len(configs) > 1
+    assert len(configs) == 1 if kind == "li_spectral" else len(configs) > 1  # in-place kernels are not autotuned
     cuda_options = _options("cuda")
     for c in configs:
         extra = set(c.kwargs) - META
