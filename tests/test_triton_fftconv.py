@@ -67,7 +67,7 @@ def _assert_matches(actual: list[torch.Tensor], expected: list[torch.Tensor], to
     [
         (2, 16, 6, 4, None),  # L a power of two, one channel block
         (1, 37, 6, 4, 4 * 37),  # L not a power of two; channel blocks of 4 and 2 (a block boundary inside D)
-        (1, 200, 5, 3, None),  # several time tiles, two time splits in both reductions, 3 modes (padded to 4)
+        (1, 200, 40, 3, None),  # several time and channel tiles, two time splits in both reductions, 3 modes
     ],
 )
 def test_matches_reference_fwd_bwd(monkeypatch, B, L, D, M, block):

@@ -140,20 +140,20 @@ def _tiles(target: Target, tiles: list[tuple[int, int, int]]) -> list[triton.Con
 
 def _li_gate(target: Target, max_block_d: int, chunk: int) -> list[triton.Config]:
     if target.backend == "interpreter":
-        return [_config({"BLOCK_T": 64, "BLOCK_D": 16}, 4, 1)]
+        return [_config({"BLOCK_T": 64, "BLOCK_D": 32}, 4, 1)]
     return _tiles(target, [(64, 32, 4), (128, 32, 8), (64, 64, 8), (32, 64, 4)])
 
 
 def _li_gate_bwd(target: Target, max_block_d: int, chunk: int) -> list[triton.Config]:
     """Seven live tiles: at most 4 elements of each per thread, or the 64-bit addresses spill registers."""
     if target.backend == "interpreter":
-        return [_config({"BLOCK_T": 64, "BLOCK_D": 16}, 4, 1)]
+        return [_config({"BLOCK_T": 64, "BLOCK_D": 32}, 4, 1)]
     return _tiles(target, [(32, 32, 4), (64, 32, 8), (32, 64, 8), (16, 64, 4)])
 
 
 def _li_modal(target: Target, max_block_d: int, chunk: int) -> list[triton.Config]:
     if target.backend == "interpreter":
-        return [_config({"BLOCK_T": 64, "BLOCK_D": 8}, 4, 1)]
+        return [_config({"BLOCK_T": 64, "BLOCK_D": 16}, 4, 1)]
     return _tiles(target, [(256, 8, 4), (128, 16, 4), (512, 8, 8)])
 
 
