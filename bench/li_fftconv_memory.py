@@ -1,7 +1,8 @@
 """Peak memory (and, where it means something, time) of the Hyena-LI FFT convolution: the torch chunked op, the
 Triton pipeline and the vortex-style reference, side by side at several lengths.
 
-    python bench/li_fftconv_memory.py [--lengths 8192,32768,131072] [--channels 64] [--impls chunked,triton,reference]
+    python bench/li_fftconv_memory.py [--lengths 8192,32768,131072] [--channels 256] [--impls chunked,triton,reference]
+        [--block_elements N] [--out PATH]
 
 Each measurement runs in a fresh subprocess. On CPU: inputs are allocated and touched, the kernel's peak-RSS counter
 is reset (``/proc/self/clear_refs`` = 5, Linux >= 4.0) and the op runs; the peak (VmHWM) minus the RSS before the op,
@@ -14,7 +15,10 @@ configuration no GPU would use, so the interpreter finishes): the peak is then t
 buffers, spectra, outputs) plus a few MiB of interpreter tiles, an upper bound; its time says nothing about speed and
 is not reported. CPU time (one thread) is reported for the torch paths. The reference materialises the (D, 16, L)
 modal tensor, as vortex does, so it runs only up to ``--reference_max_length``. Every op is warmed up on a short input
-first, so library code and FFT plans are not counted. Results: ``bench/results/li_fftconv_memory.json``.
+first, so library code and FFT plans are not counted. Both FFT paths work over channel blocks of about
+``BLOCK_ELEMENTS`` (B x c x L) values per temporary, 2^20 for torch and 2^25 for Triton (``block_channels`` column);
+``--block_elements`` sets both, to compare the pipelines at equal blocks. Results:
+``bench/results/li_fftconv_memory.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -69,10 +73,13 @@ def _op(impl: str):
     return reference
 
 
-def worker(impl: str, length: int, channels: int, backward: bool) -> dict:
+def worker(impl: str, length: int, channels: int, backward: bool, block_elements: int) -> dict:
     import torch
 
     from torchtitan_hyena.ops import fftconv, triton_fftconv
+
+    if block_elements:
+        fftconv.BLOCK_ELEMENTS = triton_fftconv.BLOCK_ELEMENTS = block_elements
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
@@ -138,16 +145,30 @@ def worker(impl: str, length: int, channels: int, backward: bool) -> dict:
     }
 
 
-def measure(impl: str, length: int, channels: int, backward: bool) -> dict:
+def measure(impl: str, length: int, channels: int, backward: bool, block_elements: int) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     if impl == "triton" and not _gpu():
         env["TRITON_INTERPRET"] = "1"
-    cmd = [sys.executable, __file__, "--worker", impl, str(length), str(channels), str(int(backward))]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        impl,
+        *(str(int(x)) for x in (length, channels, backward, block_elements)),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 def _gpu() -> bool:
@@ -159,9 +180,11 @@ def _gpu() -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", default="8192,32768,131072")
-    p.add_argument("--channels", type=int, default=64)
+    p.add_argument("--channels", type=int, default=256)
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {', '.join(IMPLS)}")
     p.add_argument("--reference_max_length", type=int, default=32768, help="the reference needs (D, 16, L) fp32")
+    p.add_argument("--block_elements", type=int, default=0, help="channel-block budget of both paths (0: defaults)")
+    p.add_argument("--out", type=Path, default=RESULTS / "li_fftconv_memory.json")
     args = p.parse_args()
     import torch
     from tabulate import tabulate
@@ -172,7 +195,7 @@ def main() -> None:
             if impl == "reference" and length > args.reference_max_length:
                 continue
             for backward in (False, True):
-                rows.append(measure(impl, length, args.channels, backward))
+                rows.append(measure(impl, length, args.channels, backward, args.block_elements))
                 print(json.dumps(rows[-1]), flush=True)
     cols = [
         "impl",
@@ -193,20 +216,21 @@ def main() -> None:
         "host": platform.processor() or platform.machine(),
         "host_cpus": os.cpu_count(),
         "torch": torch.__version__,
+        "triton": _triton_version(),
         "threads": int(os.environ.get("OMP_NUM_THREADS", "1")),
         "dtype": "float32",
         "batch": 1,
         "modes": 16,
+        "block_elements": args.block_elements or "defaults (torch 2^20, triton 2^25)",
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "li_fftconv_memory.json"
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        impl, length, channels, backward = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), bool(int(sys.argv[5]))
-        print(json.dumps(worker(impl, length, channels, backward)))
+        impl, (length, channels, backward, block_elements) = sys.argv[2], map(int, sys.argv[3:7])
+        print(json.dumps(worker(impl, length, channels, bool(backward), block_elements)))
     else:
         main()
