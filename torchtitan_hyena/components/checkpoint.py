@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from torchtitan_hyena.components import checkpoint_writer
-from torchtitan_hyena.components.dcp_reader import load_dcp, read_dcp_metadata
+from torchtitan_hyena.components.dcp_reader import dcp_error, load_dcp, read_dcp_metadata
 from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.protocols.model import MODEL_ARGS_FILE, read_model_args, write_model_args
 from torchtitan_hyena.tools.logging import logger
