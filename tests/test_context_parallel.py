@@ -169,7 +169,7 @@ def _filter(name: str, conv_impl: str) -> torch.nn.Module:
     filt = {
         "se": lambda: ExplicitFilter(4, 7, conv_impl),
         "mr": lambda: ExplicitSingleDecayFilter(4, 32, 64, "weak", conv_impl),  # > 16 taps: Triton's Toeplitz path
-        "li": lambda: ImplicitModalFilter(32, 4),
+        "li": lambda: ImplicitModalFilter(32, 4, conv_impl),
         "freeform": lambda: ImplicitFreeformFilter(32, 5, 8, 1.0, 1),
     }[name]()
     filt.init_weights(0, name)
@@ -178,7 +178,7 @@ def _filter(name: str, conv_impl: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize(
     ("name", "conv_impl"), [("se", "torch"), ("mr", "torch"), ("li", "torch"), ("freeform", "torch"), ("se", "triton"),
-                            ("mr", "triton")],
+                            ("mr", "triton"), ("li", "triton")],
 )  # fmt: skip
 def test_filter_on_a_channel_slice_is_that_slice_of_the_filter(name, conv_impl):
     """What a rank computes after the all-to-all: ungated conv of k*v on its channels (gates outside), with the

@@ -252,7 +252,7 @@ def llama_to_dcp(
 
     Embeddings are dropped unless ``keep_embeddings``: the Neural Pile vocabulary (256) differs from
     Llama's. ``dtype`` None keeps the stored precision. The output appears only when complete.
-    ``target="hyena"`` writes a StripedHyena 2 hybrid of ``layout`` instead (see ``convert/hybrid.py``).
+    ``target="hyena"`` writes a StripedHyena 2 hybrid of ``layout`` instead (see ``models/hyena/from_llama.py``).
     """
     if target not in (MODEL_NAME, "hyena"):
         raise UserError(f"--target {target!r} is not supported; use llama3 or hyena")

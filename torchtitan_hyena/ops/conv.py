@@ -1,6 +1,6 @@
 """Causal depthwise convolutions used by StripedHyena 2, behind one dispatch point.
 
-Layout is time-major, channels last: (B, L, C), as the projections produce it. Two operations:
+Layout is time-major, channels last: (B, L, C), as the projections produce it. Three operations:
 
 * ``causal_conv(x, weight)``: ungated depthwise causal FIR (the featurizer). ``weight`` is (C, K) in
   ``F.conv1d`` order: ``weight[:, K-1]`` multiplies the current token.
@@ -8,6 +8,8 @@ Layout is time-major, channels last: (B, L, C), as the projections produce it. T
   filter ``h`` (G, K); channel c uses ``h[c // (D // G)]`` (blocks of consecutive channels share a
   filter). ``flip=False``: ``h`` is in conv1d order (Hyena-SE); ``flip=True``: ``h`` is an impulse
   response, ``h[:, 0]`` = lag 0 (Hyena-MR). ``skip`` is the (D,) D term or None.
+* ``gated_modal_conv(q, k, v, log_poles, residues, skip)``: the same gated form with Hyena-LI's modal filter
+  ``h[d, t] = sum_n residues[d, n] exp(log_poles[d, n] t)`` as long as the sequence, by FFT (``ops.fftconv``).
 
 Every implementation accumulates in fp32 and returns the input dtype. ``impl``: ``"torch"`` is the
 reference (``F.conv1d``), ``"triton"`` the portable kernels (registered by ``ops.triton_conv``),
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from torchtitan_hyena.errors import ConfigError
+from torchtitan_hyena.ops.fftconv import gated_modal_fft_conv
 from torchtitan_hyena.tools.logging import logger
 
 
@@ -57,17 +60,28 @@ def gated_causal_conv_reference(
 
 
 _IMPLS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
-    "torch": {"causal_conv": causal_conv_reference, "gated_causal_conv": gated_causal_conv_reference}
+    "torch": {
+        "causal_conv": causal_conv_reference,
+        "gated_causal_conv": gated_causal_conv_reference,
+        "gated_modal_conv": gated_modal_fft_conv,
+    }
 }
 _PROVIDERS = {"triton": "torchtitan_hyena.ops.triton_conv"}
 _warned: set[str] = set()
 
 
 def register_conv_impl(
-    name: str, causal_conv: Callable[..., torch.Tensor], gated_causal_conv: Callable[..., torch.Tensor]
+    name: str,
+    causal_conv: Callable[..., torch.Tensor],
+    gated_causal_conv: Callable[..., torch.Tensor],
+    gated_modal_conv: Callable[..., torch.Tensor],
 ) -> None:
-    """Plug in kernels implementing the two operations with the reference signatures."""
-    _IMPLS[name] = {"causal_conv": causal_conv, "gated_causal_conv": gated_causal_conv}
+    """Plug in kernels implementing the three operations with the reference signatures."""
+    _IMPLS[name] = {
+        "causal_conv": causal_conv,
+        "gated_causal_conv": gated_causal_conv,
+        "gated_modal_conv": gated_modal_conv,
+    }
 
 
 def _load(name: str) -> bool:
@@ -108,3 +122,15 @@ def gated_causal_conv(
     impl: str = "auto",
 ) -> torch.Tensor:
     return _IMPLS[resolve_impl(impl, q.device)]["gated_causal_conv"](q, k, v, h, skip, flip)
+
+
+def gated_modal_conv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_poles: torch.Tensor,
+    residues: torch.Tensor,
+    skip: torch.Tensor,
+    impl: str = "auto",
+) -> torch.Tensor:
+    return _IMPLS[resolve_impl(impl, q.device)]["gated_modal_conv"](q, k, v, log_poles, residues, skip)

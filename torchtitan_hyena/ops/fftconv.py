@@ -32,9 +32,9 @@ from torch import Tensor
 BLOCK_ELEMENTS = 1 << 20
 
 
-def channel_block(batch: int, length: int, channels: int) -> int:
-    """Channels per block so that one (B, c, L) fp32 temporary holds about BLOCK_ELEMENTS values."""
-    return max(1, min(channels, BLOCK_ELEMENTS // max(1, batch * length)))
+def channel_block(batch: int, length: int, channels: int, budget: int | None = None) -> int:
+    """Channels per block so that one (B, c, L) fp32 temporary holds about ``budget`` (BLOCK_ELEMENTS) values."""
+    return max(1, min(channels, (budget or BLOCK_ELEMENTS) // max(1, batch * length)))
 
 
 def modal_basis(log_pole: Tensor, length: int) -> Tensor:
@@ -206,9 +206,7 @@ _gated_modal_fft_conv.register_autograd(_backward_modal, setup_context=_setup_ex
 
 def gated_modal_fft_conv(q: Tensor, k: Tensor, v: Tensor, log_poles: Tensor, residues: Tensor, skip: Tensor) -> Tensor:
     """``q * (h * (k*v) + skip * (k*v))`` with the modal filter of (D, N) ``log_poles`` (< 0) and ``residues``."""
-    _check(q, k, v, skip, log_poles.shape[0])
-    if log_poles.shape != residues.shape or log_poles.dim() != 2:
-        raise ValueError(f"log_poles {tuple(log_poles.shape)} and residues {tuple(residues.shape)} must be (D, N)")
+    check_inputs(q, k, v, skip, log_poles, residues)
     return _gated_modal_fft_conv(q, k, v, log_poles, residues, skip)
 
 
@@ -217,6 +215,13 @@ def _check(q: Tensor, k: Tensor, v: Tensor, skip: Tensor, filter_channels: int) 
         raise ValueError(f"q, k, v must share one (B, L, D) shape, got {q.shape}, {k.shape}, {v.shape}")
     if filter_channels != q.shape[-1] or skip.shape != (q.shape[-1],):
         raise ValueError(f"{q.shape[-1]} channels but filter rows {filter_channels} and skip {tuple(skip.shape)}")
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, skip: Tensor, log_poles: Tensor, residues: Tensor) -> None:
+    """Shapes of a modal convolution's inputs: (B, L, D) activations, (D, N) filter parameters, (D,) skip."""
+    _check(q, k, v, skip, log_poles.shape[0])
+    if log_poles.shape != residues.shape or log_poles.dim() != 2:
+        raise ValueError(f"log_poles {tuple(log_poles.shape)} and residues {tuple(residues.shape)} must be (D, N)")
 
 
 # ---------------------------------------------------------------------------------------- references

@@ -1,13 +1,15 @@
 """Compile the Triton conv kernels for GPU targets on a machine without a GPU.
 
     python -m torchtitan_hyena.ops.triton_aot [--targets gfx90a,gfx942,sm90] [--dtype bfloat16] [--first]
+        [--kernels li_]
 
 The interpreter checks indexing, not what only the GPU compiler sees (``docs/kernels.md`` §4): dot sizes,
 backend options, shared memory (LDS) and registers. This compiles every launch configuration of every kernel
 family (``--first``: only the default one) for the given targets, as the JIT would for contiguous (B, L, 4096)
 inputs, and prints the compiler's LDS allocation, registers and spills. It fails when a kernel does not compile,
-an AMD kernel needs more than 64 KB of LDS or more than ``triton_backend``'s estimate, or a 16-bit configuration
-spills registers. Needs ``TRITON_INTERPRET`` unset; the CUDA register count uses the ``cuobjdump`` Triton ships.
+an AMD kernel needs more than 64 KB of LDS or more than ``triton_backend``'s estimate, or a 16-bit configuration (or
+any configuration of the Hyena-LI kernels, whose arithmetic is fp32 whatever the input) spills registers. Needs
+``TRITON_INTERPRET`` unset; the CUDA register count uses the ``cuobjdump`` Triton ships.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from triton.compiler import ASTSource
 
 from torchtitan_hyena.ops import triton_backend as tb
 from torchtitan_hyena.ops import triton_direct as td
+from torchtitan_hyena.ops import triton_fftconv as tf
 from torchtitan_hyena.ops import triton_toeplitz as tt
 
 TARGETS = {
@@ -41,36 +44,50 @@ TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float
 
 @dataclass
 class Variant:
-    """One kernel specialization: the heaviest one of each family (gated, D term, Hyena-MR backward)."""
+    """One kernel specialization: the heaviest one of each family (gated, D term, Hyena-MR backward).
+    ``fp32_ptrs``: pointer arguments that are fp32 whatever the input dtype (``*_part_ptr`` always are);
+    ``no_spills``: spilling is a problem whatever the dtype."""
 
     name: str
     fn: object
     kind: str
     constexprs: dict
+    fp32_ptrs: tuple[str, ...] = ()
+    no_spills: bool = False
 
 
 def variants(dtype: torch.dtype) -> list[Variant]:
     acc, dot = tl.float32, TL_DTYPES[dtype]
     se = dict(K=7, GATED=True, HAS_SKIP=True, LAG_ORDER=False, ACC=acc)
     mr = dict(K=128, CHUNK=128, LAG_ORDER=True, ACC=acc, DOT=dot, HAS_SKIP=True)
+    spectra = ("s_ptr", "g_ptr", "h_ptr", "dh_ptr")
     return [
         Variant("direct_fwd", td._direct_fwd_kernel, "direct", se),
         Variant("direct_bwd", td._direct_bwd_kernel, "direct", dict(se, BLOCK_K=8)),
         Variant("toeplitz_pass", tt._pass_kernel, "toeplitz", dict(mr, REVERSE=True, TWO_OUT=True, SKIP_GRAD=True)),
         Variant("filter_grad", tt._filter_grad_kernel, "filter_grad", dict(CHUNK=128, ACC=acc, DOT=dot)),
+        Variant("li_gate_in", tf._gate_in_kernel, "li_gate", {}, ("out_ptr",), True),
+        Variant("li_gate_out", tf._gate_out_kernel, "li_gate", {}, ("y_ptr", "skip_ptr"), True),
+        Variant("li_gate_out_bwd", tf._gate_out_bwd_kernel, "li_gate_bwd", {}, ("conv_ptr", "ds_ptr", "skip_ptr"),
+                True),
+        Variant("li_modal_filter", tf._modal_filter_kernel, "li_modal", {}, ("lp_ptr", "r_ptr", "h_ptr"), True),
+        Variant("li_modal_grad", tf._modal_grad_kernel, "li_modal", dict(BLOCK_M=16), ("dh_ptr", "lp_ptr"), True),
+        Variant("li_spectral_fwd", tf._spectral_fwd_kernel, "li_spectral", {}, spectra, True),
+        Variant("li_spectral_bwd", tf._spectral_bwd_kernel, "li_spectral", {}, spectra, True),
     ]  # fmt: skip
 
 
-def _signature(fn, constexprs: dict, dtype: torch.dtype) -> tuple[dict, dict, dict]:
+def _signature(variant: Variant, dtype: torch.dtype) -> tuple[dict, dict, dict]:
     """Signature, constants and divisibility attributes as the JIT specializes them for contiguous inputs:
     channel strides are 1, pointers and row/batch strides multiples of 16."""
+    fn, constexprs = variant.fn, variant.constexprs
     ptr = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     sig, consts, attrs = {}, dict(constexprs), {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if "part" in name else ptr
+            sig[name] = "*fp32" if "part" in name or name in variant.fp32_ptrs else ptr
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif re.fullmatch(r"s\w{1,2}d|shk", name):
             sig[name], consts[name] = "constexpr", 1
@@ -97,7 +114,7 @@ def _resources(kernel, target: GPUTarget) -> dict:
 
 def compile_variant(variant: Variant, config: triton.Config, target: GPUTarget, dtype: torch.dtype) -> dict:
     """Compile one configuration; returns the LDS bytes, registers and spills (bytes of stack on CUDA)."""
-    sig, consts, attrs = _signature(variant.fn, variant.constexprs, dtype)
+    sig, consts, attrs = _signature(variant, dtype)
     for key, value in config.kwargs.items():
         if key in variant.fn.arg_names:
             sig[key], consts[key] = "constexpr", value
@@ -107,8 +124,8 @@ def compile_variant(variant: Variant, config: triton.Config, target: GPUTarget, 
     return {"lds": kernel.metadata.shared, **_resources(kernel, target)}
 
 
-def check(targets: list[str], dtype: torch.dtype, first_only: bool) -> list[str]:
-    """Compile and print; returns the problems found."""
+def check(targets: list[str], dtype: torch.dtype, first_only: bool, kernels: str = "") -> list[str]:
+    """Compile and print; returns the problems found. ``kernels``: only variants whose name starts with it."""
     if tb.is_interpreted(td._direct_fwd_kernel):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     op_bytes = dtype.itemsize
@@ -116,7 +133,7 @@ def check(targets: list[str], dtype: torch.dtype, first_only: bool) -> list[str]
     for target_name in targets:
         target = TARGETS[target_name]
         ttarget = tb.Target(target.backend, target.arch, target.warp_size)
-        for variant in variants(dtype):
+        for variant in (v for v in variants(dtype) if v.name.startswith(kernels)):
             chunk = variant.constexprs.get("CHUNK", tb.MAX_CHUNK)
             configs = tb.kernel_configs(variant.kind, ttarget, op_bytes, max_block_d=64, chunk=chunk)
             _, estimate = tb.CONFIG_BUILDERS[variant.kind]
@@ -135,7 +152,7 @@ def check(targets: list[str], dtype: torch.dtype, first_only: bool) -> list[str]
                     bound = estimate(config.kwargs, config.num_warps, op_bytes, chunk)
                     if r["lds"] > min(bound, tb.LDS_BYTES_HIP):
                         problems.append(f"{label}: LDS {r['lds']} > estimate {bound} or 64 KB")
-                if op_bytes == 2 and r.get("spills"):
+                if (op_bytes == 2 or variant.no_spills) and r.get("spills"):
                     problems.append(f"{label}: spills registers ({r['spills']})")
     return problems
 
@@ -145,8 +162,9 @@ def main() -> None:
     p.add_argument("--targets", default="gfx90a,gfx942,sm90", help=f"comma-separated, of {', '.join(TARGETS)}")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--first", action="store_true", help="only the default (first) configuration of each kernel")
+    p.add_argument("--kernels", default="", help="only kernels whose name starts with this (e.g. li_, toeplitz)")
     args = p.parse_args()
-    problems = check(args.targets.split(","), getattr(torch, args.dtype), args.first)
+    problems = check(args.targets.split(","), getattr(torch, args.dtype), args.first, args.kernels)
     for problem in problems:
         print("PROBLEM", problem)
     sys.exit(1 if problems else 0)

@@ -130,6 +130,22 @@ def lds_filter_grad(meta: dict, num_warps: int, op_bytes: int, chunk: int) -> in
     return meta["ROWS"] * meta["BLOCK_D"] * op_bytes + 2 * meta["BLOCK_D"] * chunk * op_bytes
 
 
+def lds_li_gate(meta: dict, num_warps: int, op_bytes: int, chunk: int) -> int:
+    """Two fp32 (BLOCK_T x BLOCK_D) tiles converted between the channel-contiguous activations and the
+    time-contiguous FFT buffers, and the cross-warp time reduction of ``dskip``."""
+    return 2 * meta["BLOCK_T"] * meta["BLOCK_D"] * 4 + num_warps * meta["BLOCK_D"] * 4
+
+
+def lds_li_modal(meta: dict, num_warps: int, op_bytes: int, chunk: int) -> int:
+    """The cross-warp time reductions of the modal gradient: two fp32 values per channel, mode and warp."""
+    return 2 * num_warps * meta["BLOCK_D"] * 16 * 4
+
+
+def lds_li_spectral(meta: dict, num_warps: int, op_bytes: int, chunk: int) -> int:
+    """Re-packing (BLOCK x 2) complex tiles into real and imaginary parts."""
+    return 2 * meta["BLOCK"] * 4
+
+
 # --- configuration lists --------------------------------------------------------------------------------------
 # The first entry of each list is the one used without autotuning (deterministic mode). Tiles and warps are chosen
 # so that no configuration spills registers on sm90, gfx90a or gfx942 (checked with ``triton_aot``).
@@ -178,10 +194,48 @@ def _filter_grad(target: Target, max_block_d: int, chunk: int) -> list[triton.Co
     return [_config({"ROWS": r, "BLOCK_D": d}, 8, 2) for r in rows for d in blocks]  # 4 warps spill on sm90
 
 
+def _tiles(target: Target, tiles: list[tuple[int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_T, BLOCK_D, warps) tiles with the backend's options."""
+    options = {"waves_per_eu": 0} if target.backend == "hip" else {}
+    return [_config({"BLOCK_T": t, "BLOCK_D": d}, w, 1, **options) for t, d, w in tiles]
+
+
+def _li_gate(target: Target, max_block_d: int, chunk: int) -> list[triton.Config]:
+    if target.backend == "interpreter":
+        return [_config({"BLOCK_T": 64, "BLOCK_D": 32}, 4, 1)]
+    return _tiles(target, [(64, 32, 4), (128, 32, 8), (64, 64, 8), (32, 64, 4)])
+
+
+def _li_gate_bwd(target: Target, max_block_d: int, chunk: int) -> list[triton.Config]:
+    """Seven live tiles: at most 4 elements of each per thread, or the 64-bit addresses spill registers."""
+    if target.backend == "interpreter":
+        return [_config({"BLOCK_T": 64, "BLOCK_D": 32}, 4, 1)]
+    return _tiles(target, [(32, 32, 4), (64, 32, 8), (32, 64, 8), (16, 64, 4)])
+
+
+def _li_modal(target: Target, max_block_d: int, chunk: int) -> list[triton.Config]:
+    if target.backend == "interpreter":
+        return [_config({"BLOCK_T": 64, "BLOCK_D": 16}, 4, 1)]
+    return _tiles(target, [(256, 8, 4), (128, 16, 4), (512, 8, 8)])
+
+
+def _li_spectral(target: Target, max_block_d: int, chunk: int) -> list[triton.Config]:
+    """One configuration: these kernels update the spectra in place, and autotuning would re-run them on their own
+    output. They stream (8 complex values per thread), so the tile hardly matters."""
+    if target.backend == "interpreter":
+        return [_config({"BLOCK": 256}, 4, 1)]
+    options = {"waves_per_eu": 0} if target.backend == "hip" else {}
+    return [_config({"BLOCK": 1024}, 4, 1, **options)]
+
+
 CONFIG_BUILDERS: dict[str, tuple[Callable[..., list[triton.Config]], Callable[..., int]]] = {
     "direct": (_direct, lds_direct),
     "toeplitz": (_toeplitz, lds_toeplitz),
     "filter_grad": (_filter_grad, lds_filter_grad),
+    "li_gate": (_li_gate, lds_li_gate),
+    "li_gate_bwd": (_li_gate_bwd, lds_li_gate),
+    "li_modal": (_li_modal, lds_li_modal),
+    "li_spectral": (_li_spectral, lds_li_spectral),
 }
 
 

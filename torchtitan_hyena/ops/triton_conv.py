@@ -5,9 +5,9 @@ Importing this module registers the ``"triton"`` implementation. The kernels are
 breaks (``triton_op`` fails under the interpreter, ``docs/kernels.md`` §4), plus DTensor sharding rules.
 
 Dispatch: short filters (<= 16 taps: the featurizer's ungated conv, Hyena-SE) use the direct kernels of
-``triton_direct``; longer gated filters (Hyena-MR) the two-pass Toeplitz kernels of ``triton_toeplitz``. Where no
-kernel fits (longer ungated filters, gated ones over 129 taps, fp32 MR on AMD's 64 KB LDS) the torch reference
-runs instead, with a warning.
+``triton_direct``; longer gated filters (Hyena-MR) the two-pass Toeplitz kernels of ``triton_toeplitz``; Hyena-LI's
+modal filter the FFT pipeline of ``triton_fftconv``. Where no kernel fits (longer ungated filters, gated ones over 129
+taps, fp32 MR on AMD's 64 KB LDS) the torch reference runs instead, with a warning.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import torch
 
 from torchtitan_hyena.errors import ConfigError
 from torchtitan_hyena.ops.conv import causal_conv_reference, gated_causal_conv_reference, register_conv_impl
+from torchtitan_hyena.ops.fftconv import check_inputs
 from torchtitan_hyena.ops.triton_backend import MAX_CHUNK
 from torchtitan_hyena.ops.triton_direct import INTERPRETED, direct_backward, direct_forward
+from torchtitan_hyena.ops.triton_fftconv import modal_backward, modal_forward
 from torchtitan_hyena.ops.triton_toeplitz import toeplitz_backward, toeplitz_forward, toeplitz_supported
 from torchtitan_hyena.tools.logging import logger
 
@@ -90,6 +92,19 @@ def gated_causal_conv(
         _warn_fallback(reason)
         return gated_causal_conv_reference(q, k, v, h, skip, flip)
     return torch.ops.torchtitan_hyena.triton_gated_conv(q, k, v, h, skip, flip)
+
+
+def gated_modal_conv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor, residues: torch.Tensor,
+    skip: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """Hyena-LI: ``q * (h * (k*v) + skip * (k*v))`` with the modal filter of (D, N) ``log_poles`` and ``residues``."""
+    _check_activation("q", q)
+    _check_activation("k", k, q)
+    _check_activation("v", v, q)
+    check_inputs(q, k, v, skip, log_poles, residues)
+    _check_device(q)
+    return torch.ops.torchtitan_hyena.triton_modal_conv(q, k, v, log_poles, residues, skip)
 
 
 # --- custom ops -------------------------------------------------------------------------------------------------
@@ -181,6 +196,44 @@ def _gated_conv_grad(ctx, dy: torch.Tensor) -> tuple:
 _gated_conv_op.register_autograd(_gated_conv_grad, setup_context=_gated_conv_setup)
 
 
+@torch.library.custom_op("torchtitan_hyena::triton_modal_conv", mutates_args=())
+def _modal_conv_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor, residues: torch.Tensor,
+    skip: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    return modal_forward(q, k, v, log_poles, residues, skip)
+
+
+@_modal_conv_op.register_fake
+def _(q, k, v, log_poles, residues, skip) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("torchtitan_hyena::triton_modal_conv_backward", mutates_args=())
+def _modal_conv_backward_op(
+    dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
+    residues: torch.Tensor, skip: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dq, dk, dv, d log_poles, d residues, dskip)."""
+    return modal_backward(dy, q, k, v, log_poles, residues, skip)
+
+
+@_modal_conv_backward_op.register_fake
+def _(dy, q, k, v, log_poles, residues, skip) -> tuple[torch.Tensor, ...]:
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, log_poles, residues, skip))
+
+
+def _modal_conv_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _modal_conv_grad(ctx, dy: torch.Tensor) -> tuple:
+    return torch.ops.torchtitan_hyena.triton_modal_conv_backward(dy, *ctx.saved_tensors)
+
+
+_modal_conv_op.register_autograd(_modal_conv_grad, setup_context=_modal_conv_setup)
+
+
 # --- DTensor sharding rules -------------------------------------------------------------------------------------
 
 
@@ -219,8 +272,23 @@ def _register_sharding() -> None:
             ([C, C, C, F, F if s else R], [C, C, C, C, F, F if s else None, None]),
         ]
 
+    @register_sharding(ops.triton_modal_conv.default)
+    def _(q, k, v, log_poles, residues, skip):
+        return [([R], [R] * 6), ([B], [B, B, B, R, R, R]), ([C], [C, C, C, F, F, F])]
+
+    @register_sharding(ops.triton_modal_conv_backward.default)
+    def _(dy, q, k, v, log_poles, residues, skip):
+        P = Partial()
+        return [
+            ([R] * 6, [R] * 7),
+            ([B, B, B, P, P, P], [B, B, B, B, R, R, R]),
+            ([C, C, C, F, F, F], [C] * 4 + [F] * 3),
+        ]
+
 
 if torch.distributed.is_available():
     _register_sharding()
 
-register_conv_impl("triton", causal_conv=causal_conv, gated_causal_conv=gated_causal_conv)
+register_conv_impl(
+    "triton", causal_conv=causal_conv, gated_causal_conv=gated_causal_conv, gated_modal_conv=gated_modal_conv
+)

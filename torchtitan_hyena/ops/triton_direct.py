@@ -18,7 +18,7 @@ from torchtitan_hyena.ops.triton_backend import TunedKernel
 
 
 @triton.jit
-def _load_rows(ptr, b, rows, offs_d, mask_d, L, stride_b, stride_l, stride_d, ACC: tl.constexpr):
+def load_rows(ptr, b, rows, offs_d, mask_d, L, stride_b, stride_l, stride_d, ACC: tl.constexpr):
     """A (rows x channels) tile at ``rows`` of sequence ``b``; rows outside [0, L) read as zero."""
     mask = ((rows >= 0) & (rows < L))[:, None] & mask_d[None, :]
     offs = b.to(tl.int64) * stride_b + rows.to(tl.int64)[:, None] * stride_l + offs_d[None, :] * stride_d
@@ -26,7 +26,7 @@ def _load_rows(ptr, b, rows, offs_d, mask_d, L, stride_b, stride_l, stride_d, AC
 
 
 @triton.jit
-def _store_rows(ptr, value, b, rows, offs_d, mask_d, L, stride_b, stride_l, stride_d):
+def store_rows(ptr, value, b, rows, offs_d, mask_d, L, stride_b, stride_l, stride_d):
     mask = ((rows >= 0) & (rows < L))[:, None] & mask_d[None, :]
     offs = b.to(tl.int64) * stride_b + rows.to(tl.int64)[:, None] * stride_l + offs_d[None, :] * stride_d
     tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
@@ -56,18 +56,18 @@ def _direct_fwd_kernel(
     tap0 = _tap(h_row, 0, mask_d, shk, K, LAG_ORDER, ACC)
     if HAS_SKIP:  # the D term acts like an extra lag-0 tap
         tap0 += tl.load(skip_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
-    acc = _load_rows(v_ptr, b, rows, offs_d, mask_d, L, svb, svl, svd, ACC)
+    acc = load_rows(v_ptr, b, rows, offs_d, mask_d, L, svb, svl, svd, ACC)
     if GATED:
-        acc *= _load_rows(k_ptr, b, rows, offs_d, mask_d, L, skb, skl, skd, ACC)
+        acc *= load_rows(k_ptr, b, rows, offs_d, mask_d, L, skb, skl, skd, ACC)
     acc *= tap0[None, :]
     for j in range(1, K):  # a runtime loop: unrolled, every shifted load is hoisted and registers spill
-        s = _load_rows(v_ptr, b, rows - j, offs_d, mask_d, L, svb, svl, svd, ACC)
+        s = load_rows(v_ptr, b, rows - j, offs_d, mask_d, L, svb, svl, svd, ACC)
         if GATED:
-            s *= _load_rows(k_ptr, b, rows - j, offs_d, mask_d, L, skb, skl, skd, ACC)
+            s *= load_rows(k_ptr, b, rows - j, offs_d, mask_d, L, skb, skl, skd, ACC)
         acc += _tap(h_row, j, mask_d, shk, K, LAG_ORDER, ACC)[None, :] * s
     if GATED:
-        acc *= _load_rows(q_ptr, b, rows, offs_d, mask_d, L, sqb, sql, sqd, ACC)
-    _store_rows(y_ptr, acc, b, rows, offs_d, mask_d, L, syb, syl, syd)
+        acc *= load_rows(q_ptr, b, rows, offs_d, mask_d, L, sqb, sql, sqd, ACC)
+    store_rows(y_ptr, acc, b, rows, offs_d, mask_d, L, syb, syl, syd)
 
 
 @triton.jit
@@ -98,11 +98,11 @@ def _direct_bwd_kernel(
         rows = start + t0 + tl.arange(0, BLOCK_T)
         # Only g and the running sums stay live; tiles needed again later are re-read (cache hits) rather than
         # kept in registers, and the tap loops run at runtime: unrolled, the compiler hoists every load and spills.
-        g = _load_rows(dy_ptr, b, rows, offs_d, mask_d, L, sdyb, sdyl, sdyd, ACC)
-        s0 = _load_rows(v_ptr, b, rows, offs_d, mask_d, L, svb, svl, svd, ACC)
+        g = load_rows(dy_ptr, b, rows, offs_d, mask_d, L, sdyb, sdyl, sdyd, ACC)
+        s0 = load_rows(v_ptr, b, rows, offs_d, mask_d, L, svb, svl, svd, ACC)
         if GATED:
-            g *= _load_rows(q_ptr, b, rows, offs_d, mask_d, L, sqb, sql, sqd, ACC)
-            s0 *= _load_rows(k_ptr, b, rows, offs_d, mask_d, L, skb, skl, skd, ACC)
+            g *= load_rows(q_ptr, b, rows, offs_d, mask_d, L, sqb, sql, sqd, ACC)
+            s0 *= load_rows(k_ptr, b, rows, offs_d, mask_d, L, skb, skl, skd, ACC)
         # Phase 1, past rows t - j: u = conv(s) + skip * s for dq, and the filter gradient.
         gs0 = tl.sum(g * s0, axis=0)
         dh_acc += tl.where(lags[:, None] == 0, gs0[None, :], 0.0)
@@ -110,28 +110,28 @@ def _direct_bwd_kernel(
             dskip_acc += gs0
         u = tap0[None, :] * s0
         for j in range(1, K):
-            s = _load_rows(v_ptr, b, rows - j, offs_d, mask_d, L, svb, svl, svd, ACC)
+            s = load_rows(v_ptr, b, rows - j, offs_d, mask_d, L, svb, svl, svd, ACC)
             if GATED:
-                s *= _load_rows(k_ptr, b, rows - j, offs_d, mask_d, L, skb, skl, skd, ACC)
+                s *= load_rows(k_ptr, b, rows - j, offs_d, mask_d, L, skb, skl, skd, ACC)
             u += _tap(h_row, j, mask_d, shk, K, LAG_ORDER, ACC)[None, :] * s
             dh_acc += tl.where(lags[:, None] == j, tl.sum(g * s, axis=0)[None, :], 0.0)
         if GATED:
-            dy = _load_rows(dy_ptr, b, rows, offs_d, mask_d, L, sdyb, sdyl, sdyd, ACC)
-            _store_rows(dq_ptr, dy * u, b, rows, offs_d, mask_d, L, sob, sol, sod)
+            dy = load_rows(dy_ptr, b, rows, offs_d, mask_d, L, sdyb, sdyl, sdyd, ACC)
+            store_rows(dq_ptr, dy * u, b, rows, offs_d, mask_d, L, sob, sol, sod)
         # Phase 2, future rows t + j: ds = conv^T(g) + skip * g.
         ds = tap0[None, :] * g
         for j in range(1, K):
-            gj = _load_rows(dy_ptr, b, rows + j, offs_d, mask_d, L, sdyb, sdyl, sdyd, ACC)
+            gj = load_rows(dy_ptr, b, rows + j, offs_d, mask_d, L, sdyb, sdyl, sdyd, ACC)
             if GATED:
-                gj *= _load_rows(q_ptr, b, rows + j, offs_d, mask_d, L, sqb, sql, sqd, ACC)
+                gj *= load_rows(q_ptr, b, rows + j, offs_d, mask_d, L, sqb, sql, sqd, ACC)
             ds += _tap(h_row, j, mask_d, shk, K, LAG_ORDER, ACC)[None, :] * gj
         if GATED:
-            v0 = _load_rows(v_ptr, b, rows, offs_d, mask_d, L, svb, svl, svd, ACC)
-            _store_rows(dk_ptr, ds * v0, b, rows, offs_d, mask_d, L, sob, sol, sod)
-            k0 = _load_rows(k_ptr, b, rows, offs_d, mask_d, L, skb, skl, skd, ACC)
-            _store_rows(dv_ptr, ds * k0, b, rows, offs_d, mask_d, L, sob, sol, sod)
+            v0 = load_rows(v_ptr, b, rows, offs_d, mask_d, L, svb, svl, svd, ACC)
+            store_rows(dk_ptr, ds * v0, b, rows, offs_d, mask_d, L, sob, sol, sod)
+            k0 = load_rows(k_ptr, b, rows, offs_d, mask_d, L, skb, skl, skd, ACC)
+            store_rows(dv_ptr, ds * k0, b, rows, offs_d, mask_d, L, sob, sol, sod)
         else:
-            _store_rows(dv_ptr, ds, b, rows, offs_d, mask_d, L, sob, sol, sod)
+            store_rows(dv_ptr, ds, b, rows, offs_d, mask_d, L, sob, sol, sod)
 
     part = b * n_split + split
     cols = lags if LAG_ORDER else K - 1 - lags

@@ -31,8 +31,8 @@ from torchtitan_hyena.models.common.dtensor import local
 from torchtitan_hyena.models.common.init import InitFn, constant, init_param_, normal, uniform
 from torchtitan_hyena.models.hyena.args import MR_DECAY_PRESETS
 from torchtitan_hyena.models.hyena.decode import gated_fir_decode, modal_decode
-from torchtitan_hyena.ops.conv import expand_groups, gated_causal_conv
-from torchtitan_hyena.ops.fftconv import gated_fft_conv, gated_modal_fft_conv
+from torchtitan_hyena.ops.conv import expand_groups, gated_causal_conv, gated_modal_conv
+from torchtitan_hyena.ops.fftconv import gated_fft_conv
 
 
 class HyenaFilter(nn.Module):
@@ -169,12 +169,14 @@ class ImplicitModalFilter(HyenaFilter):
 
     ``log_pole = -exp(p) * exp(gamma) < 0`` keeps every pole in (0, 1) by construction. The parameters stay
     fp32 under bf16 training (FSDP shards this module as an fp32 unit): in bf16 the long tail is lost.
+    ``conv_impl`` picks the torch FFT path or the Triton one (``docs/kernels.md`` §1.4-§1.5).
     """
 
     keep_fp32_params = True
 
-    def __init__(self, channels: int, order: int) -> None:
+    def __init__(self, channels: int, order: int, conv_impl: str) -> None:
         super().__init__()
+        self.conv_impl = conv_impl
         self.p = nn.Parameter(torch.empty(channels, order))
         self.gamma = nn.Parameter(torch.empty(channels, order))
         self.R = nn.Parameter(torch.empty(channels, order))
@@ -188,7 +190,7 @@ class ImplicitModalFilter(HyenaFilter):
         self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None, channels: ChannelSlice | None = None
     ) -> Tensor:
         modal = self.modal() if channels is None else tuple(channels.rows(t) for t in self.modal())
-        return gated_modal_fft_conv(q, k, v, *modal, skip)
+        return gated_modal_conv(q, k, v, *modal, skip, impl=self.conv_impl)
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, skip: Tensor | None, cache: LayerCache) -> Tensor:
         return modal_decode(cache, q, k, v, skip, self.modal, self.gated_conv)

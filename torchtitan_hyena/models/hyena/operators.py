@@ -61,7 +61,7 @@ def build_filter(args: HyenaArgs, kind: str) -> HyenaFilter:
             args.filter_groups, args.mr_filter_len, args.mr_decay_len, args.mr_decay_preset, args.conv_impl
         )
     if args.li_filter == "implicit_modal":
-        return ImplicitModalFilter(args.dim, args.state_size)
+        return ImplicitModalFilter(args.dim, args.state_size, args.conv_impl)
     return ImplicitFreeformFilter(
         args.dim, args.freeform_emb_dim, args.freeform_order, args.freeform_w, args.freeform_inner_mlps
     )
