@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from torchtitan_hyena.models.common.attention import InnerAttention
 
@@ -106,6 +106,29 @@ class LayerCache:
     @property
     def new_lengths(self) -> Tensor:
         return self.parent.new_lengths
+
+
+# ---------------------------------------------------------------------------------------------- models
+def forward_positions(tokens: Tensor, positions: Tensor | None, cache: DecodeCache | None) -> Tensor:
+    """The positions a model's forward uses: the cache's under generation (starting the call), else ``positions``,
+    else 0..L-1."""
+    if cache is not None:
+        return cache.begin(tokens)
+    return torch.arange(tokens.shape[1], device=tokens.device) if positions is None else positions
+
+
+def run_blocks(layers: nn.ModuleDict, h: Tensor, cos: Tensor, sin: Tensor, cache: DecodeCache | None) -> Tensor:
+    """The blocks in order. Under a decode cache each block gets its layer's state and only each row's last valid
+    token comes out, (B, 1, D), ending the call."""
+    if cache is None:
+        for layer in layers.values():
+            h = layer(h, cos, sin)
+        return h
+    for name, layer in layers.items():
+        h = layer(h, cos, sin, cache=cache.layer(name))
+    h = cache.last(h)
+    cache.end()
+    return h
 
 
 # ---------------------------------------------------------------------------------------------- attention

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchtitan_hyena.distributed.utils import clean_fqn
-from torchtitan_hyena.models.common.decode import DecodeCache, LayerCache
+from torchtitan_hyena.models.common.decode import DecodeCache, LayerCache, forward_positions, run_blocks
 from torchtitan_hyena.models.common.dtensor import local
 from torchtitan_hyena.models.common.init import constant, init_param_, normal, uniform
 from torchtitan_hyena.models.common.mlp import GatedMLP
@@ -79,18 +79,10 @@ class StripedHyena(nn.Module):
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: DecodeCache | None = None
     ) -> torch.Tensor:
-        if cache is not None:
-            positions = cache.begin(tokens)
-        elif positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
+        positions = forward_positions(tokens, positions, cache)
         # Linear position interpolation (Evo 2 1M/262k checkpoints): position t becomes t / factor.
         cos, sin = rope_tables(self.rope_inv_freq, positions.float() / self.args.rope_pi_factor)
-        h = self.tok_embeddings(tokens)
-        for name, layer in self.layers.items():
-            h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache=cache.layer(name))
-        if cache is not None:
-            h = cache.last(h)
-            cache.end()
+        h = run_blocks(self.layers, self.tok_embeddings(tokens), cos, sin, cache)
         h = self.norm(h)
         if self.output is None:
             return F.linear(h, local(self.tok_embeddings.weight))

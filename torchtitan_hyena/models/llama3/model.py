@@ -7,7 +7,13 @@ from torch import nn
 
 from torchtitan_hyena.distributed.utils import clean_fqn
 from torchtitan_hyena.models.common.attention import InnerAttention
-from torchtitan_hyena.models.common.decode import DecodeCache, LayerCache, cached_attention
+from torchtitan_hyena.models.common.decode import (
+    DecodeCache,
+    LayerCache,
+    cached_attention,
+    forward_positions,
+    run_blocks,
+)
 from torchtitan_hyena.models.common.init import constant, init_param_, normal, trunc_normal
 from torchtitan_hyena.models.common.mlp import GatedMLP
 from torchtitan_hyena.models.common.rope import apply_rope_interleaved, rope_tables
@@ -76,17 +82,9 @@ class Transformer(nn.Module):
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: DecodeCache | None = None
     ) -> torch.Tensor:
-        if cache is not None:
-            positions = cache.begin(tokens)
-        elif positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
-        cos, sin = rope_tables(self.rope_inv_freq, positions)
+        cos, sin = rope_tables(self.rope_inv_freq, forward_positions(tokens, positions, cache))
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for name, layer in self.layers.items():
-            h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache=cache.layer(name))
-        if cache is not None:
-            h = cache.last(h)
-            cache.end()
+        h = run_blocks(self.layers, h, cos, sin, cache)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
