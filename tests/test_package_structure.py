@@ -103,3 +103,11 @@ def test_shared_layers_import_no_model_family():
         if name.split(".")[1:2] and name.split(".")[1] in NO_MODELS
     }
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_entry_points_set_up_through_build():
+    """Whatever builds or loads a model does it through build.py: training, evaluation, the dry run, scoring,
+    generation and the converters' model rebuilds."""
+    graph = import_graph()
+    users = ("train", "evaluate", "score", "generate", "tools.dry_run", "convert.evo2", "convert.llama")
+    assert [name for name in users if f"{PACKAGE}.build" not in graph[f"{PACKAGE}.{name}"]] == []
