@@ -17,7 +17,7 @@ from tests.conftest import run_cli
 pytest.importorskip("triton")
 
 from torchtitan_hyena.errors import UserError
-from torchtitan_hyena.ops import triton_conv
+from torchtitan_hyena.ops import triton_conv, triton_fftconv
 from torchtitan_hyena.tools.selftest.runner import main
 
 KERNELS = [f"triton {op} fwd+bwd {dtype}" for op in ("featurizer", "se", "mr") for dtype in ("float32", "bfloat16")]
@@ -33,7 +33,9 @@ def test_smoke_cli_passes_and_writes_every_section(tmp_path):
     assert report["passed"] and report["failures"] == [] and report["mode"] == "smoke"
     assert report["hostname"] and report["date"] and report["device"]["type"] == "cpu"
     assert {"torch", "triton", "hip", "cuda", "flash_attn"} <= set(report["versions"])
-    assert set(report["seconds"]) == {"kernels", "speed", "dry runs", "training", "throughput"}
+    kernels = {"conv kernels", "LI kernels", "flash-attn", "float8"}
+    parts = {*kernels, "conv speed", "LI speed", "dry runs", "compiled steps", "throughput"}
+    assert set(report["seconds"]) == parts and "errors" not in report["sections"]
     sections = report["sections"]
     status = {r["check"]: r["status"] for r in sections["correctness"]}
     assert all(status[k] == "pass" for k in KERNELS)
@@ -54,22 +56,29 @@ def test_smoke_cli_passes_and_writes_every_section(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available() or not triton_conv.INTERPRETED, reason="the smoke mode runs on CPU")
 def test_broken_kernel_fails_the_run(tmp_path, monkeypatch):
     """A direct-conv kernel whose output is one step late (the classic causal off-by-one) fails the featurizer and SE
-    checks in both dtypes; the JSON is still written, naming them; the MR and LI kernels still pass."""
+    checks in both dtypes while MR still passes; a check that raises is a failed row and the later checks still run;
+    the JSON is written, naming the failures."""
     real = triton_conv.direct_forward
 
     def late(*args, **kwargs):
         y = real(*args, **kwargs)
         return torch.cat([torch.zeros_like(y[:, :1]), y[:, :-1]], dim=1)
 
+    def crash(*args, **kwargs):
+        raise RuntimeError("LI kernel crashed")
+
     monkeypatch.setattr(triton_conv, "direct_forward", late)
+    monkeypatch.setattr(triton_fftconv, "compare_with_reference", crash)
     out = tmp_path / "broken.json"
     with pytest.raises(SystemExit) as exc:
         main(["--smoke", "--sections", "kernels", "--output", str(out)])
     assert exc.value.code == 1
     report = json.loads(out.read_text())
     assert not report["passed"]
-    broken = [k for k in KERNELS if not k.startswith("triton mr")]
-    assert report["failures"] == [f"correctness: {k}" for k in broken]
+    broken = [f"correctness: {k}" for k in KERNELS if not k.startswith("triton mr")]
+    assert report["failures"] == [*broken, "errors: LI kernels"]
+    assert report["sections"]["errors"][0]["detail"] == "RuntimeError: LI kernel crashed"
+    assert any(r["check"].startswith("float8") for r in report["sections"]["correctness"])
 
 
 def test_bad_arguments_are_user_errors(tmp_path):

@@ -20,6 +20,7 @@ import torch
 import triton
 from tabulate import tabulate
 
+from torchtitan_hyena.tools.logging import logger
 from torchtitan_hyena.tools.outputs import atomic_output_file
 
 GIB = 2**30
@@ -77,12 +78,17 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each part of the run
 
     @contextlib.contextmanager
-    def timed(self, part: str) -> Iterator[None]:
+    def part(self, name: str) -> Iterator[None]:
+        """Time one part of the run; an exception in it becomes a failed row in ``errors`` (logged with its
+        traceback) instead of ending the run, so one broken piece does not hide the others' results."""
         start = time.perf_counter()
         try:
             yield
+        except Exception as e:
+            logger.exception(f"selftest: {name} raised")
+            self.check("errors", name, False, f"{type(e).__name__}: {e}")
         finally:
-            self.seconds[part] = time.perf_counter() - start
+            self.seconds[name] = time.perf_counter() - start
 
     def add(self, section: str, row: dict[str, Any]) -> None:
         self.sections.setdefault(section, []).append(row)
@@ -124,6 +130,6 @@ class Report:
 
 
 def _cell(value: Any) -> Any:
-    if isinstance(value, str) and len(value) > 60:
-        return value[:57] + "..."
+    if isinstance(value, str) and len(value) > 100:
+        return value[:97] + "..."
     return value

@@ -129,11 +129,12 @@ def measure_throughput(report: Report, plan: Plan, predicted: dict[tuple[Model, 
     gradients, optimizer state, FSDP buffers, activations; its 10 % runtime reserve left out)."""
     for model in plan.models:
         for ac in plan.ac_modes:
-            prediction = predicted[model, ac]
+            prediction = predicted.get((model, ac))  # none when the dry run failed (a failed row of its own)
             row = {"model": model.name, "seq_len": plan.seq_len, "dtype": plan.dtype, "AC": ac,
-                   "compile": plan.compile_throughput,
-                   "dry_run_peak_gib": (prediction.total_bytes - prediction.reserve_bytes) / GIB}  # fmt: skip
-            if not prediction.fits:
+                   "compile": plan.compile_throughput}  # fmt: skip
+            if prediction is not None:
+                row["dry_run_peak_gib"] = (prediction.total_bytes - prediction.reserve_bytes) / GIB
+            if prediction is not None and not prediction.fits:
                 row["error"] = f"skipped: the dry run predicts {prediction.total_bytes / GIB:.1f} GiB with reserve"
                 report.add("throughput", row)
                 continue
