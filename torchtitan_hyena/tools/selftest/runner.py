@@ -1,4 +1,5 @@
-"""The self-test's plan per mode and its one entry point, :func:`main` (see the package docstring for usage)."""
+"""The self-test's entry point, :func:`main`: arguments, device, the sections in order, the report (usage: the
+package docstring)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,12 @@ COLUMNS = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m torchtitan_hyena.tools.selftest", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m torchtitan_hyena.tools.selftest",
+        description="Device self-test: kernels, flash-attn, float8 and compiled training steps against references; "
+        "kernel speed; model throughput, MFU and memory against the dry run; bandwidth under torchrun. Prints tables, "
+        "writes JSON, exits 1 when a correctness check fails.",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="fewer lengths and configurations (about a minute)")
     mode.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, Triton interpreter (for tests)")
