@@ -8,12 +8,12 @@ project builds a run reaches the self-test unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,8 @@ from torchtitan_hyena.tools.flops import get_peak_flops
 from torchtitan_hyena.tools.selftest.plan import Model, Plan
 from torchtitan_hyena.tools.selftest.report import GIB, Report
 from torchtitan_hyena.train import Trainer
+
+T = TypeVar("T")
 
 # Every run: random tokens (no data on disk), no checkpoints or logs; the dump folder is a temporary one.
 COMMON = [
@@ -50,17 +52,18 @@ def job_config(args: list[str], dump_folder: str) -> JobConfig:
     return ConfigManager().parse_args([*COMMON, *args, "--job.dump_folder", dump_folder])
 
 
-@contextlib.contextmanager
-def trainer_for(args: list[str]) -> Iterator[Trainer]:
-    """A trainer for ``args`` on fresh compile caches, closed and freed afterwards."""
+def with_trainer(args: list[str], fn: Callable[[Trainer], T]) -> T:
+    """``fn`` of a trainer built for ``args`` on fresh compile caches; the trainer and its device memory are released
+    before this returns, so the next one (and its peak memory) starts clean."""
     torch._dynamo.reset()  # the blocks of every model share code objects: no recompile limits, no stale guards
     with tempfile.TemporaryDirectory(prefix="selftest-") as dump:
         trainer = build_trainer(job_config(args, dump))
         try:
-            yield trainer
+            return fn(trainer)
         finally:
             trainer.close()
             del trainer
+            torch._dynamo.reset()
             gc.collect()
             torch.cuda.empty_cache()
 
@@ -88,8 +91,7 @@ def check_compiled_steps(report: Report, plan: Plan) -> None:
         runs = []
         for compiled in (False, True):
             flags = ["--compile.enable", str(compiled).lower(), "--compile.backend", plan.compile_backend]
-            with trainer_for([*args, *flags]) as trainer:
-                runs.append([r[:2] for r in run_steps(trainer, steps)])
+            runs.append(with_trainer([*args, *flags], lambda t: [r[:2] for r in run_steps(t, steps)]))
         worst = max(abs(c - e) / abs(e) for cs, es in zip(*runs) for c, e in zip(cs, es))
         name = f"{model.name}: {steps} steps compiled ({plan.compile_backend}) vs eager"
         ok = worst <= plan.train_rtol
@@ -139,8 +141,8 @@ def measure_throughput(report: Report, plan: Plan, predicted: dict[tuple[Model, 
                 report.add("throughput", row)
                 continue
             try:
-                with trainer_for(throughput_args(plan, model, ac, plan.warmup_steps + plan.timed_steps)) as trainer:
-                    row.update(_timed(trainer, plan))
+                args = throughput_args(plan, model, ac, plan.warmup_steps + plan.timed_steps)
+                row.update(with_trainer(args, lambda t: _timed(t, plan)))
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"
             report.add("throughput", row)
