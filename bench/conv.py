@@ -14,14 +14,10 @@ Triton path runs under the interpreter, which checks the script, not the speed. 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import re
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,101 +25,9 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torchtitan_hyena.ops import conv
+from torchtitan_hyena.tools.conv_bench import conv_rows, timer
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# Filter taps, gating, impulse-response order (flip) and D term; gated filters have 16 channels per group (Evo 2 7B).
-OPS = {
-    "featurizer": dict(taps=3, gated=False, flip=False, skip=False),
-    "se": dict(taps=7, gated=True, flip=False, skip=False),
-    "mr": dict(taps=128, gated=True, flip=True, skip=True),
-}
-
-
-def fft_causal_conv(x: torch.Tensor, weight: torch.Tensor, flip: bool) -> torch.Tensor:
-    """Depthwise causal conv by FFT with n = 2L in fp32 (``docs/stripedhyena2.md`` §3); weight (C, K)."""
-    L = x.shape[1]
-    h = (weight if flip else weight.flip(-1)).float()  # impulse response, h[:, 0] = lag 0
-    n = 2 * L
-    y = torch.fft.irfft(torch.fft.rfft(x.float().transpose(1, 2), n=n) * torch.fft.rfft(h, n=n), n=n)[..., :L]
-    return y.transpose(1, 2)
-
-
-def fft_gated_conv(q, k, v, h, skip, flip) -> torch.Tensor:
-    s = k.float() * v.float()
-    y = fft_causal_conv(s, conv.expand_groups(h, q.shape[-1]), flip)
-    if skip is not None:
-        y = y + skip.float() * s
-    return (q.float() * y).to(q.dtype)
-
-
-def make_op(name: str, impl: str, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device):
-    """(inputs requiring grad, forward closure, channels of the operator's tensors)."""
-    spec = OPS[name]
-    torch.manual_seed(0)
-
-    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
-
-    if not spec["gated"]:
-        C = 3 * D
-        x, w = rand(B, L, C), rand(C, spec["taps"], scale=0.5)
-        fn = {
-            "triton": lambda: conv.causal_conv(x, w, impl="triton"),
-            "conv1d": lambda: conv.causal_conv(x, w, impl="torch"),
-            "fft": lambda: fft_causal_conv(x, w, flip=False).to(dtype),
-        }[impl]
-        return [x, w], fn, C
-    q, k, v = rand(B, L, D), rand(B, L, D), rand(B, L, D)
-    h = rand(D // 16, spec["taps"], scale=spec["taps"] ** -0.5)
-    skip = rand(D) if spec["skip"] else None
-    args = (q, k, v, h, skip, spec["flip"])
-    fn = {
-        "triton": lambda: conv.gated_causal_conv(*args, impl="triton"),
-        "conv1d": lambda: conv.gated_causal_conv(*args, impl="torch"),
-        "fft": lambda: fft_gated_conv(*args),
-    }[impl]
-    return [t for t in (q, k, v, h, skip) if t is not None], fn, D
-
-
-def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    """Median milliseconds of a closure: ``triton.testing.do_bench`` on GPUs (clears L2 between runs)."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-    def cpu_time(fn: Callable[[], object], reps: int = 5) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    return cpu_time
-
-
-def measure(name: str, impl: str, B: int, L: int, D: int, dtype: torch.dtype, device: torch.device, bench) -> dict:
-    inputs, fwd, C = make_op(name, impl, B, L, D, dtype, device)
-    y = fwd()
-    dy = torch.randn_like(y)
-    bwd_ms = bench(functools.partial(torch.autograd.grad, y, inputs, dy, retain_graph=True))
-    y = None  # free the graph before timing the forward
-    fwd_ms = bench(fwd)
-    total_ms = bench(lambda: torch.autograd.grad(fwd(), inputs, dy))
-    tensors = (2, 3) if not OPS[name]["gated"] else (4, 7)
-    nbytes = [t * B * L * C * dtype.itemsize for t in (*tensors, sum(tensors))]
-    row = {"op": name, "L": L, "impl": impl, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "total_ms": total_ms}
-    for key, ms, n in zip(("fwd", "bwd", "total"), (fwd_ms, bwd_ms, total_ms), nbytes):
-        row[f"{key}_GBps"] = n / ms / 1e6
-    return row
-
-
-def clone_gbps(B: int, L: int, C: int, dtype: torch.dtype, device: torch.device, bench) -> float:
-    x = torch.empty(B, L, C, dtype=dtype, device=device)
-    return 2 * x.numel() * dtype.itemsize / bench(lambda: x.clone()) / 1e6
 
 
 def main() -> None:
@@ -154,24 +58,8 @@ def main() -> None:
         else:
             print("CPU: Triton kernels need a GPU; running the reference paths only (F.conv1d and FFT)")
 
-    rows, clone = [], {}
-    for name in args.ops.split(","):
-        for L in (int(s) for s in args.lengths.split(",")):
-            C = 3 * args.dim if not OPS[name]["gated"] else args.dim
-            clone[C, L] = clone_gbps(args.batch, L, C, dtype, device, bench)
-            for impl in impls:
-                try:
-                    row = measure(name, impl, args.batch, L, args.dim, dtype, device, bench)
-                except torch.OutOfMemoryError:
-                    row = {"op": name, "L": L, "impl": impl, "error": "out of memory"}
-                if "error" in row:  # the failed attempt's tensors are released once the exception is gone
-                    torch.cuda.empty_cache()
-                row["clone_GBps"] = clone[C, L]
-                for key in ("fwd", "bwd", "total"):
-                    if f"{key}_GBps" in row:
-                        row[f"{key}_frac_clone"] = row[f"{key}_GBps"] / clone[C, L]
-                rows.append(row)
-    _speedups(rows)
+    lengths = [int(s) for s in args.lengths.split(",")]
+    rows = conv_rows(args.ops.split(","), lengths, impls, args.batch, args.dim, dtype, device, bench)
     _print(rows)
     meta = {
         "device": device_name,
@@ -190,19 +78,6 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {out}")
-
-
-def _speedups(rows: list[dict]) -> None:
-    """Triton time over the other implementations' for the same operator and length (>1: Triton faster)."""
-    by_key = {(r["op"], r["L"], r["impl"]): r for r in rows}
-    for r in rows:
-        if r["impl"] != "triton" or "error" in r:
-            continue
-        for other in ("conv1d", "fft"):
-            o = by_key.get((r["op"], r["L"], other))
-            if o and "error" not in o:
-                for key in ("fwd", "bwd", "total"):
-                    r[f"speedup_{other}_{key}"] = o[f"{key}_ms"] / r[f"{key}_ms"]
 
 
 def _print(rows: list[dict]) -> None:

@@ -58,25 +58,11 @@ def _interpreter_tiles() -> None:
         tb.CONFIG_BUILDERS[kind] = (lambda *_, c=configs: c, tb.CONFIG_BUILDERS[kind][1])
 
 
-def _op(impl: str):
-    from torchtitan_hyena.ops import conv, fftconv
-
-    if impl == "chunked":
-        return lambda *a: conv.gated_modal_conv(*a, impl="torch")
-    if impl == "triton":
-        return lambda *a: conv.gated_modal_conv(*a, impl="triton")
-
-    def reference(q, k, v, log_poles, residues, skip):
-        h = fftconv.modal_filter_reference(log_poles, residues, q.shape[1])
-        return fftconv.gated_fft_conv_reference(q, k, v, h, skip)
-
-    return reference
-
-
 def worker(impl: str, length: int, channels: int, backward: bool, block_elements: int) -> dict:
     import torch
 
     from torchtitan_hyena.ops import fftconv, triton_fftconv
+    from torchtitan_hyena.tools.conv_bench import cuda_peak, li_call, li_inputs, li_op
 
     if block_elements:
         fftconv.BLOCK_ELEMENTS = triton_fftconv.BLOCK_ELEMENTS = block_elements
@@ -86,32 +72,18 @@ def worker(impl: str, length: int, channels: int, backward: bool, block_elements
     interpreted = impl == "triton" and not gpu
     if interpreted:
         _interpreter_tiles()
-    op = _op(impl)
+    op = li_op(impl)
 
     def make(length: int) -> list[torch.Tensor]:
-        g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, length, channels, generator=g).to(device) for _ in range(3))
-        log_poles = (-torch.rand(channels, 16, generator=g) * 0.01).to(device)
-        residues, skip = (
-            torch.randn(channels, 16, generator=g).to(device),
-            torch.randn(channels, generator=g).to(device),
-        )
-        return [t.requires_grad_(backward) for t in (q, k, v, log_poles, residues, skip)]
+        return li_inputs(length, channels, device, requires_grad=backward)
 
-    def run(inputs: list[torch.Tensor], grad: torch.Tensor | None):
-        with torch.set_grad_enabled(backward):
-            y = op(*inputs)
-            return (y, torch.autograd.grad(y, inputs, grad)) if backward else (y, None)
+    def run(inputs: list[torch.Tensor], grad: torch.Tensor | None) -> None:
+        li_call(op, inputs, grad if backward else None)
 
     def peak_bytes(fn) -> tuple[int, float]:
         """(peak bytes allocated while ``fn`` runs, seconds: CUDA-synchronised wall time or process CPU time)."""
         if gpu:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before, start = torch.cuda.memory_allocated(), time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - before, time.perf_counter() - start
+            return cuda_peak(fn)
         Path("/proc/self/clear_refs").write_text("5")
         before, start = _status("VmRSS"), time.process_time()
         fn()

@@ -111,10 +111,10 @@ def test_fp32_mr_on_amd_falls_back_to_the_reference(monkeypatch):
     monkeypatch.setattr(tt, "_FILTER_GRAD", tb.TunedKernel(tt._filter_grad_kernel, "filter_grad", key=["DG"]))
     monkeypatch.setattr(tt._PASS, "interpreted", False)
     monkeypatch.setattr(tt._FILTER_GRAD, "interpreted", False)
-    assert "no Toeplitz kernel configuration fits" in tc._fallback_reason(torch.float32, 128)
-    assert tc._fallback_reason(torch.bfloat16, 128) is None
-    assert tc._fallback_reason(torch.float32, 7) is None
-    assert "129 taps" in tc._fallback_reason(torch.bfloat16, 130)
+    assert "no Toeplitz kernel configuration fits" in tc.fallback_reason(torch.float32, 128)
+    assert tc.fallback_reason(torch.bfloat16, 128) is None
+    assert tc.fallback_reason(torch.float32, 7) is None
+    assert "129 taps" in tc.fallback_reason(torch.bfloat16, 130)
 
 
 @pytest.mark.parametrize(

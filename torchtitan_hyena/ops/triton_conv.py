@@ -64,7 +64,7 @@ def _warn_fallback(reason: str) -> None:
 
 
 @torch.compiler.assume_constant_result
-def _fallback_reason(dtype: torch.dtype, taps: int) -> str | None:
+def fallback_reason(dtype: torch.dtype, taps: int) -> str | None:
     """Why no kernel serves this filter (None: one does). Evaluated, not traced, by torch.compile: it asks the
     Triton driver for the device."""
     if taps <= MAX_DIRECT_TAPS or toeplitz_supported(dtype, taps):
@@ -87,7 +87,7 @@ def gated_causal_conv(
     if skip is not None and skip.shape != (channels,):
         raise ValueError(f"skip must be ({channels},); got {tuple(skip.shape)}")
     _check_device(q)
-    reason = _fallback_reason(q.dtype, h.shape[1])
+    reason = fallback_reason(q.dtype, h.shape[1])
     if reason is not None:
         _warn_fallback(reason)
         return gated_causal_conv_reference(q, k, v, h, skip, flip)
