@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from torchtitan_hyena.errors import ConfigError
@@ -74,6 +75,8 @@ class HyenaArgs(RopeScalingArgs, BaseModelArgs):
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_pi_factor: float = 1.0
+    # The inverse RoPE frequencies a converted checkpoint stored (vortex's fp32 values); None: computed from rope_theta.
+    rope_inv_freq: list[float] | None = None
     tie_embeddings: bool = True
     mlp_activation: str = "evo2"
     attention_dropout: float = 0.0
@@ -124,10 +127,28 @@ class HyenaArgs(RopeScalingArgs, BaseModelArgs):
             (self.rope_pi_factor > 0, f"rope_pi_factor must be positive, got {self.rope_pi_factor}"),
             (self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for rotary embeddings"),
             *self.rope_checks(),
+            *self._stored_rope_checks(),
         )
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"hyena model: {message}")
+
+    def _stored_rope_checks(self) -> list[tuple[bool, str]]:
+        if self.rope_inv_freq is None:
+            return []
+        values = self.rope_inv_freq
+        return [
+            (len(values) == self.head_dim // 2, f"rope_inv_freq has {len(values)} values, head_dim {self.head_dim} needs "
+             f"{self.head_dim // 2}"),
+            (all(isinstance(v, (int, float)) and 0 < v < math.inf for v in values), "rope_inv_freq must be positive"),
+            (self.rope_scaling == "none", "rope_inv_freq (stored frequencies) excludes rope_scaling"),
+        ]  # fmt: skip
+
+    def rope_frequencies(self) -> torch.Tensor:
+        """The stored frequencies of a converted checkpoint, else those of ``rope_theta`` (and scaling)."""
+        if self.rope_inv_freq is not None:
+            return torch.tensor(self.rope_inv_freq, dtype=torch.float32)
+        return super().rope_frequencies()
 
     def update_from_config(self, job_config: Any) -> None:
         super().update_from_config(job_config)
@@ -143,7 +164,7 @@ class HyenaArgs(RopeScalingArgs, BaseModelArgs):
         if m.embedding_init_std > 0:
             self.embedding_init_std = m.embedding_init_std
         if m.rope_theta > 0:
-            self.rope_theta = m.rope_theta
+            self.rope_theta, self.rope_inv_freq = m.rope_theta, None
         if m.rope_pi_factor > 0:
             self.rope_pi_factor = m.rope_pi_factor
         self.update_rope_scaling(m)
