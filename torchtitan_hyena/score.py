@@ -41,7 +41,12 @@ from torchtitan_hyena.score_outputs import (
     resolve_layers,
     reverse_complement_tokens,
 )
-from torchtitan_hyena.tools.outputs import atomic_output_dir, atomic_output_file, check_writable_dir, check_writable_file
+from torchtitan_hyena.tools.outputs import (
+    atomic_output_dir,
+    atomic_output_file,
+    check_writable_dir,
+    check_writable_file,
+)
 
 # Scoring is single-process on purpose; DCP's note about it is noise here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -185,7 +190,9 @@ def resolve_device(name: str) -> torch.device:
 def check_output_options(args: argparse.Namespace) -> None:
     """One-line errors for --reduce / --reverse_complement / --embeddings combinations, before any work."""
     if args.reverse_complement and (args.fasta is None or args.reduce is None):
-        raise UserError("--reverse_complement averages per-record DNA scores; use it with --fasta and --reduce mean|sum")
+        raise UserError(
+            "--reverse_complement averages per-record DNA scores; use it with --fasta and --reduce mean|sum"
+        )
     if bool(args.embeddings) != bool(args.embeddings_dir):
         raise UserError("--embeddings LAYER[,LAYER] and --embeddings_dir DIR go together; give both or neither")
     if args.embeddings_dir:
@@ -222,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
         names, sequences, pad_id = None, read_token_lines(args.tokens), 0
     count = len(sequences)
     if args.embeddings and not all(sequences):
-        raise UserError(f"input line {[len(s) for s in sequences].index(0) + 1} is empty; there is nothing to embed")
+        empty = [len(s) for s in sequences].index(0) + 1
+        raise UserError(f"input sequence {empty} is empty, so it has nothing to embed; remove it or add --prepend_bos")
     if args.reverse_complement:
         sequences = sequences + [reverse_complement_tokens(s, args.prepend_bos) for s in sequences]
     device = resolve_device(args.device)

@@ -350,7 +350,9 @@ def _adopt_rope_base(state: dict[str, Any], args: HyenaArgs, source: str) -> lis
     key, value = next(iter(found.items()))
     for other, tensor in found.items():
         if tensor.shape != (args.head_dim // 2,):
-            raise UserError(f"{source}: {other} has shape {tuple(tensor.shape)}; the config's head_dim is {args.head_dim}")
+            raise UserError(
+                f"{source}: {other} has shape {tuple(tensor.shape)}; the config's head_dim is {args.head_dim}"
+            )
         if not torch.equal(tensor.float(), value.float()):
             raise UserError(f"{source}: {other} differs from {key}; the model has one RoPE table for all attention")
     if not torch.allclose(value.float(), vortex_inv_freq(args), rtol=1e-4):

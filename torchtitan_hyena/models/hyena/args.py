@@ -136,13 +136,12 @@ class HyenaArgs(RopeScalingArgs, BaseModelArgs):
     def _stored_rope_checks(self) -> list[tuple[bool, str]]:
         if self.rope_inv_freq is None:
             return []
-        values = self.rope_inv_freq
+        values, half = self.rope_inv_freq, self.head_dim // 2
         return [
-            (len(values) == self.head_dim // 2, f"rope_inv_freq has {len(values)} values, head_dim {self.head_dim} needs "
-             f"{self.head_dim // 2}"),
+            (len(values) == half, f"rope_inv_freq has {len(values)} values, head_dim {self.head_dim} needs {half}"),
             (all(isinstance(v, (int, float)) and 0 < v < math.inf for v in values), "rope_inv_freq must be positive"),
             (self.rope_scaling == "none", "rope_inv_freq (stored frequencies) excludes rope_scaling"),
-        ]  # fmt: skip
+        ]
 
     def rope_frequencies(self) -> torch.Tensor:
         """The stored frequencies of a converted checkpoint, else those of ``rope_theta`` (and scaling)."""
