@@ -48,7 +48,7 @@ def model_values(args) -> dict:
 
 
 @pytest.mark.parametrize("flavor", [*KEYS["published_values"], "short_mr"])
-def test_exported_yaml_has_every_published_key_with_the_values_vortex_needs(flavor, tmp_path):
+def test_exported_yaml_has_every_published_key_with_the_values_vortex_needs(flavor):
     args = evo2.args_from_vortex_config(SHORT_MR, "tiny") if flavor == "short_mr" else hyena_flavors[flavor]
     text = yaml.safe_dump(evo2.vortex_config_from_args(args), sort_keys=False)
     cfg = yaml.safe_load(text)
