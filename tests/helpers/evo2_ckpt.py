@@ -25,15 +25,16 @@ CONFIG = {
 KINDS = "SDH*SDH"
 
 
-def fake_evo2_state(seed: int = 0) -> dict:
-    """Random weights in vortex's keys, shapes and dtypes (bf16; LI filters and inv_freq fp32)."""
+def fake_evo2_state(seed: int = 0, mr_taps: int = 128, vocab: int = 512) -> dict:
+    """Random weights in vortex's keys, shapes and dtypes (bf16; LI filters and inv_freq fp32). With
+    ``mr_taps`` < 128 the MR blocks are as vortex builds them then: no ``filter.D``, taps in conv1d order."""
     g = torch.Generator().manual_seed(seed)
     d, f, bf = 32, 48, torch.bfloat16
 
     def rnd(*shape, std=0.2):
         return (torch.randn(*shape, generator=g) * std).to(bf)
 
-    sd = {"embedding_layer.weight": rnd(512, d, std=1.0), "norm.scale": (1 + rnd(d, std=0.1).float()).to(bf)}
+    sd = {"embedding_layer.weight": rnd(vocab, d, std=1.0), "norm.scale": (1 + rnd(d, std=0.1).float()).to(bf)}
     for i, kind in enumerate(KINDS):
         p = f"blocks.{i}."
         sd[p + "pre_norm.scale"] = (1 + rnd(d, std=0.1).float()).to(bf)
@@ -50,11 +51,11 @@ def fake_evo2_state(seed: int = 0) -> dict:
         if kind == "S":
             sd[p + "filter.h"] = rnd(4, 1, 7, std=0.4)
         elif kind == "D":
-            sd[p + "filter.h"] = (rnd(4, 1, 128, std=0.2).float() * torch.exp(-torch.arange(128) / 20.0)).to(bf)
+            sd[p + "filter.h"] = (rnd(4, 1, mr_taps, std=0.2).float() * torch.exp(-torch.arange(mr_taps) / 20.0)).to(bf)
         else:
             sd[p + "filter.log_poles"] = -torch.exp(torch.randn(d, 16, 1, generator=g) - 2.5)
             sd[p + "filter.residues"] = torch.randn(d, 16, generator=g) * 0.3
-        if kind in "DH":
+        if kind == "H" or (kind == "D" and mr_taps >= 128):
             sd[p + "filter.D"] = rnd(d, std=1.0)
     sd["blocks.0.projections._extra_state"] = io.BytesIO(b"te-fp8-metadata")  # dropped
     sd["unembed.weight"] = sd["embedding_layer.weight"].clone()  # bionemo exporter; dropped
@@ -99,6 +100,9 @@ def reference_logits(sd: dict, tokens: torch.Tensor) -> torch.Tensor:
             if kind == "S":
                 h = w[p + "filter.h"].repeat_interleave(d // 4, dim=0)
                 y = F.conv1d(F.pad(s, (6, 0)), h, groups=d)
+            elif kind == "D" and w[p + "filter.h"].shape[-1] < 128:  # vortex: F.conv1d weights, no D
+                h = w[p + "filter.h"].repeat_interleave(d // 4, dim=0)
+                y = F.conv1d(F.pad(s, (h.shape[-1] - 1, 0)), h, groups=d)
             elif kind == "D":
                 h = w[p + "filter.h"][:, 0].repeat_interleave(d // 4, dim=0)[:, :length]
                 y = fftconv(s, F.pad(h, (0, length - h.shape[1]))) + w[p + "filter.D"][:, None] * s

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from torchtitan_hyena.errors import ConfigError
@@ -75,6 +76,8 @@ class HyenaArgs(RopeScalingArgs, BaseModelArgs):
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_pi_factor: float = 1.0
+    # The inverse RoPE frequencies a converted checkpoint stored (vortex's fp32 values); None: computed from rope_theta.
+    rope_inv_freq: list[float] | None = None
     tie_embeddings: bool = True
     mlp_activation: str = "evo2"
     attention_dropout: float = 0.0
@@ -132,6 +135,7 @@ class HyenaArgs(RopeScalingArgs, BaseModelArgs):
             (self.rope_pi_factor > 0, f"rope_pi_factor must be positive, got {self.rope_pi_factor}"),
             (self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for rotary embeddings"),
             *self.rope_checks(),
+            *self._stored_rope_checks(),
         )
         for ok, message in checks:
             if not ok:
@@ -151,10 +155,28 @@ class HyenaArgs(RopeScalingArgs, BaseModelArgs):
             if getattr(m, key) > 0:
                 out[key] = getattr(m, key)
         out.update(self.rope_overrides(m))
+        if "rope_theta" in out:  # a new base replaces a converted checkpoint's stored frequencies
+            out["rope_inv_freq"] = None
         out.update(
             tie_embeddings=m.tie_embeddings, attention_dropout=m.attention_dropout, hidden_dropout=m.hidden_dropout
         )
         return out
+
+    def _stored_rope_checks(self) -> list[tuple[bool, str]]:
+        if self.rope_inv_freq is None:
+            return []
+        values, half = self.rope_inv_freq, self.head_dim // 2
+        return [
+            (len(values) == half, f"rope_inv_freq has {len(values)} values, head_dim {self.head_dim} needs {half}"),
+            (all(isinstance(v, (int, float)) and 0 < v < math.inf for v in values), "rope_inv_freq must be positive"),
+            (self.rope_scaling == "none", "rope_inv_freq (stored frequencies) excludes rope_scaling"),
+        ]
+
+    def rope_frequencies(self) -> torch.Tensor:
+        """The stored frequencies of a converted checkpoint, else those of ``rope_theta`` (and scaling)."""
+        if self.rope_inv_freq is not None:
+            return torch.tensor(self.rope_inv_freq, dtype=torch.float32)
+        return super().rope_frequencies()
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, float]:
         """Parameters and training FLOPs per token from the Evo 2 model (savanna ``mfu.py``, bionemo):

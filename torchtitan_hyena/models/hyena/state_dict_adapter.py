@@ -10,8 +10,10 @@ parametrizations:
   adapter sets ``p = fp32(log(-log_poles))`` and lets ``gamma`` carry the fp32 rounding residual,
   which makes export (computed in fp64) reproduce ``log_poles`` bit for bit.
 
-Round trips are exact for vortex's dtypes (bf16, fp32 LI tensors). TE ``_extra_state`` blobs, RoPE
-``inv_freq`` buffers (checked against the config first) and unknown buffers are dropped with a note.
+vortex runs MR filters shorter than 128 taps as ``F.conv1d`` weights (conv1d tap order) without the skip term
+``D``; those are flipped into impulse order and get ``D = 0``. RoPE ``inv_freq`` buffers are kept in the model args
+(``HyenaArgs.rope_inv_freq``), so the model uses the checkpoint's frequencies. Round trips are exact for vortex's
+dtypes (bf16, fp32 LI tensors). TE ``_extra_state`` blobs and unknown buffers are dropped with a note.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torchtitan_hyena.errors import ConfigError, UserError
 from torchtitan_hyena.models.hyena.args import HyenaArgs, layout_from_indices
 from torchtitan_hyena.models.hyena.filters import mr_decay
 from torchtitan_hyena.models.hyena.model import StripedHyena
+from torchtitan_hyena.models.hyena.vortex_yaml import inner_size_multiple_of, published_order
 from torchtitan_hyena.protocols.state_dict_adapter import LazyTensor, StateDictAdapter
 from torchtitan_hyena.tools.logging import logger
 
@@ -44,6 +47,8 @@ _FIXED = {
     "proj_groups": 1,
     "final_norm": True,
 }
+# vortex convolves MR filters of at least this many taps by FFT (impulse order, with D), shorter ones by F.conv1d.
+MR_FFT_TAPS = 128
 
 
 # ---------------------------------------------------------------------------------------- key schema
@@ -74,13 +79,14 @@ def _block_entries(args: HyenaArgs, i: int, kind: str) -> list[tuple[str, tuple[
     if kind == "S":
         rows.append(("filter.h", (g, 1, args.se_filter_len), "mixer.filter.h", "squeeze"))
     elif kind == "D":
-        rows.append(("filter.h", (g, 1, args.mr_filter_len), "mixer.filter.h_hat", "mr"))
+        short = args.mr_filter_len < MR_FFT_TAPS  # conv1d order, no D (module docstring)
+        rows.append(("filter.h", (g, 1, args.mr_filter_len), "mixer.filter.h_hat", "mr_fir" if short else "mr"))
     elif kind == "H":
         rows += [
             ("filter.log_poles", (d, args.state_size, 1), "mixer.filter.p", "log_poles"),
             ("filter.residues", (d, args.state_size), "mixer.filter.R", "fp32"),
         ]
-    if kind in "DH":
+    if kind == "H" or (kind == "D" and args.mr_filter_len >= MR_FFT_TAPS):
         rows.append(("filter.D", (d,), "mixer.D", "copy"))
     return [(v + a, shape, m + b, t) for a, shape, b, t in rows]
 
@@ -96,8 +102,17 @@ def schema(args: HyenaArgs) -> list[tuple[str, tuple[int, ...], str, str]]:
     return rows
 
 
+def skipless_keys(args: HyenaArgs) -> list[str]:
+    """Model keys vortex has no tensor for: the skip ``D`` of MR filters shorter than 128 taps (zero)."""
+    if args.mr_filter_len >= MR_FFT_TAPS:
+        return []
+    return [f"layers.{i}.mixer.D" for i, kind in enumerate(args.layout) if kind == "D"]
+
+
 def vortex_inv_freq(args: HyenaArgs) -> torch.Tensor:
-    """flash-attn ``RotaryEmbedding.inv_freq`` as vortex saves it (fp32 arithmetic)."""
+    """flash-attn ``RotaryEmbedding.inv_freq`` as vortex saves it (fp32 arithmetic), or the checkpoint's values."""
+    if args.rope_inv_freq is not None:
+        return torch.tensor(args.rope_inv_freq, dtype=torch.float32)
     hd = args.head_dim
     return 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
 
@@ -110,22 +125,30 @@ def _gamma_key(p_key: str) -> str:
     return p_key.rsplit(".", 1)[0] + ".gamma"
 
 
-def infer_layout(keys: list[str]) -> str:
-    """Block letters as the weights show them ('?' where a block's type cannot be told)."""
-    blocks: dict[int, set[str]] = {}
-    for key in keys:
+def infer_layout(shapes: dict[str, tuple[int, ...]], args: HyenaArgs | None = None) -> str:
+    """Block letters as the weights show them ('?' where a block's type cannot be told).
+
+    A FIR filter without ``D`` is SE, or, when the config (``args``) has MR filters shorter than 128 taps, MR if
+    its length is the MR length (the config's letter decides when SE and MR have the same length).
+    """
+    blocks: dict[int, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
         m = re.match(r"blocks\.(\d+)\.(.+)$", key)
         if m:
-            blocks.setdefault(int(m.group(1)), set()).add(m.group(2))
+            blocks.setdefault(int(m.group(1)), {})[m.group(2)] = tuple(shape)
+    short_mr = args is not None and args.mr_filter_len < MR_FFT_TAPS
     out = []
     for i in range(max(blocks, default=-1) + 1):
-        names = blocks.get(i, set())
+        names = blocks.get(i, {})
         if "inner_mha_cls.Wqkv.weight" in names:
             out.append("*")
         elif "filter.log_poles" in names:
             out.append("H")
         elif "filter.D" in names:
             out.append("D")
+        elif "filter.h" in names and short_mr and names["filter.h"][-1] == args.mr_filter_len:
+            ambiguous = args.mr_filter_len == args.se_filter_len and i < args.n_layers and args.layout[i] in "SD"
+            out.append(args.layout[i] if ambiguous else "D")
         elif "filter.h" in names:
             out.append("S")
         else:
@@ -134,16 +157,22 @@ def infer_layout(keys: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- checks
-def adopt_rope_base(state: dict[str, Any], args: HyenaArgs, source: str) -> None:
-    """Take the RoPE base from the checkpoint's ``inv_freq`` buffers, the values Evo 2 actually used
-    (the 7B-1M/40B-1M YAMLs once said 1e11 while the weights hold 1e4/1e6)."""
-    for key, value in state.items():
-        if not key.endswith("rotary_emb.inv_freq") or not isinstance(value, torch.Tensor):
-            continue
-        if value.shape != (args.head_dim // 2,):
-            raise UserError(f"{source}: {key} has shape {tuple(value.shape)}; the config's head_dim is {args.head_dim}")
-        if torch.allclose(value.float(), vortex_inv_freq(args), rtol=1e-4):
-            continue
+def adopt_rope_base(state: Mapping[str, Any], args: HyenaArgs, source: str) -> list[str]:
+    """Keep the checkpoint's ``inv_freq`` values in ``args`` (vortex's own fp32 arithmetic; recomputing them
+    differs by an ulp in places) and take the RoPE base from them: those are what Evo 2 used (the 7B-1M/40B-1M
+    YAMLs once said 1e11 while the weights hold 1e4/1e6). Returns the buffers' keys."""
+    found = {k: v for k, v in state.items() if k.endswith("rotary_emb.inv_freq") and isinstance(v, torch.Tensor)}
+    if not found:
+        return []
+    key, value = next(iter(found.items()))
+    for other, tensor in found.items():
+        if tensor.shape != (args.head_dim // 2,):
+            raise UserError(
+                f"{source}: {other} has shape {tuple(tensor.shape)}; the config's head_dim is {args.head_dim}"
+            )
+        if not torch.equal(tensor.float(), value.float()):
+            raise UserError(f"{source}: {other} differs from {key}; the model has one RoPE table for all attention")
+    if not torch.allclose(value.float(), vortex_inv_freq(args), rtol=1e-4):
         base = float(f"{float(value.float()[1]) ** (-args.head_dim / 2):.6g}")
         configured, args.rope_theta = args.rope_theta, base
         if not torch.allclose(value.float(), vortex_inv_freq(args), rtol=1e-4):
@@ -151,6 +180,8 @@ def adopt_rope_base(state: dict[str, Any], args: HyenaArgs, source: str) -> None
         logger.warning(
             f"{source}: RoPE base {base:g} from the checkpoint's inv_freq replaces the config's {configured:g}"
         )
+    args.rope_inv_freq = value.float().tolist()
+    return list(found)
 
 
 def _check_extras(state: dict[str, Any], known: set[str], source: str) -> None:
@@ -214,8 +245,7 @@ class VortexAdapter(StateDictAdapter):
         if ffn is None:  # vortex fallback: int(2 * D * 4 / 3) rounded up to inner_size_multiple_of
             multiple = int(cfg.get("inner_size_multiple_of") or 64)
             ffn = multiple * math.ceil(int(2 * dim * 4 / 3) / multiple)
-        multiple = int(cfg.get("make_vocab_size_divisible_by") or 1)
-        vocab = multiple * math.ceil(int(need("vocab_size")) / multiple)
+        vocab = int(need("vocab_size"))  # as vortex: make_vocab_size_divisible_by is savanna's, vortex does not pad
         if cfg.get("mlp_activation", "gelu") != "gelu":
             raise ConfigError(f"{source}: mlp_activation {cfg['mlp_activation']!r} is not supported (Evo 2 uses gelu)")
         pi = float(cfg.get("rotary_emb_scaling_factor") or 1.0) if cfg.get("use_interpolated_rotary_pos_emb") else 1.0
@@ -276,11 +306,12 @@ class VortexAdapter(StateDictAdapter):
             "tie_embeddings": args.tie_embeddings,
             "max_seqlen": args.max_seq_len,
             "make_vocab_size_divisible_by": 8 if args.vocab_size % 8 == 0 else 1,
+            "inner_size_multiple_of": inner_size_multiple_of(args.ffn_hidden_dim),
             **_FIXED,
         }
         for kind, key in _KIND_INDEX_KEYS.items():
             cfg[key] = [i for i, k in enumerate(args.layout) if k == kind]
-        return cfg
+        return published_order(cfg)
 
     def from_external(self, state: Mapping[str, Any], source: str) -> dict[str, LazyTensor]:
         """Validate a vortex state dict against the args (whose RoPE base it may correct, see
@@ -290,7 +321,7 @@ class VortexAdapter(StateDictAdapter):
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         if not any(k.startswith("blocks.") for k in tensors):
             raise UserError(f"{source} is not a vortex state dict (no blocks.* tensors); is it an Evo 2 checkpoint?")
-        seen = infer_layout(list(tensors))
+        seen = infer_layout({k: tuple(v.shape) for k, v in tensors.items()}, args)
         layers = f"the weights' layers read {seen}, the config's {args.layout}"
         rows = schema(args)
         missing = [key for key, *_ in rows if key not in tensors]
@@ -305,14 +336,15 @@ class VortexAdapter(StateDictAdapter):
                     f"{source}: {key} has shape {tuple(tensors[key].shape)} but the config expects {shape}; "
                     "the weights and --config describe different models"
                 )
-        adopt_rope_base(state, args, source)
-        _check_extras(state, {key for key, *_ in rows}, source)
+        rope_keys = adopt_rope_base(state, args, source)
+        _check_extras(state, {key for key, *_ in rows} | set(rope_keys), source)
         decay = _decay(args)
         out: dict[str, LazyTensor] = {}
         for key, shape, name, transform in rows:
             t = tensors[key]
-            if transform == "mr":
-                h_hat = (t.double().squeeze(1) / decay).float()  # small (G, 128): checked now, kept
+            if transform in ("mr", "mr_fir"):
+                h = t.double().squeeze(1)
+                h_hat = ((h.flip(-1) if transform == "mr_fir" else h) / decay).float()  # small (G, taps): checked now
                 if not torch.isfinite(h_hat).all():
                     raise UserError(f"{source}: {key} / decay overflows; check the model's mr_decay_len and preset")
                 out[name] = LazyTensor(tuple(h_hat.shape), torch.float32, lambda h=h_hat: h)
@@ -328,6 +360,8 @@ class VortexAdapter(StateDictAdapter):
             else:  # read from the memory-mapped file only when the writer reaches it
                 model_shape = shape[:1] + shape[2:] if transform == "squeeze" else shape
                 out[name] = LazyTensor(model_shape, torch.float32, lambda t=t, s=model_shape: t.float().reshape(s))
+        for name in skipless_keys(args):
+            out[name] = LazyTensor((args.dim,), torch.float32, lambda d=args.dim: torch.zeros(d))
         _check_against_model(out, args)
         return out
 
@@ -335,12 +369,20 @@ class VortexAdapter(StateDictAdapter):
         """vortex state dict from model tensors: ``dtype`` except fp32 LI filters and RoPE buffers."""
         args = self.args
         self.config()  # rejects what vortex cannot express
+        for name in skipless_keys(args):
+            if state[name].count_nonzero():
+                raise UserError(
+                    f"{name} is not zero, but vortex has no skip term D for MR filters shorter than {MR_FFT_TAPS} "
+                    f"taps (mr_filter_len {args.mr_filter_len}); export a model with mr_filter_len >= {MR_FFT_TAPS} "
+                    "or D = 0"
+                )
         out: dict[str, torch.Tensor] = {}
         decay = _decay(args)
         for key, shape, name, transform in schema(args):
             t = state[name]
-            if transform == "mr":
-                out[key] = (t.double() * decay).to(dtype).reshape(shape)
+            if transform in ("mr", "mr_fir"):
+                h = t.double() * decay
+                out[key] = (h.flip(-1) if transform == "mr_fir" else h).to(dtype).reshape(shape)
             elif transform == "log_poles":
                 p, gamma = t.double(), state[_gamma_key(name)].double()
                 out[key] = (-torch.exp(p + gamma)).float().reshape(shape)
