@@ -1,4 +1,5 @@
-"""The inputs of tests/test_bad_inputs.py: small real checkpoints of both families and damaged or hostile copies.
+"""The inputs of tests/integration/test_bad_inputs.py: small real checkpoints of both families and damaged or
+hostile copies.
 
 Everything is written without running a CLI (the model is built, initialized and saved with DCP here), so the
 whole set takes seconds. ``canary`` files are what a hostile checkpoint would create if any of its code ran.

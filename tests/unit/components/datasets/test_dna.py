@@ -173,7 +173,7 @@ def test_eod_loss_mask(mode, kept):
 
 
 def global_batches(dp: int, local: int, steps: int = 2) -> list[dict[str, torch.Tensor]]:
-    """Each step's global batch, reassembled from every rank's microbatches (as in test_data.py)."""
+    """Each step's global batch, reassembled from every rank's microbatches (as in unit/components/test_data.py)."""
     per_rank = []
     for rank in range(dp):
         dl = build_dataloader(dataset="dna", path=str(DNA), split="train", tokenizer=TOK, vocab_size=512, seq_len=255,

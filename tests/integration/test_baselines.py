@@ -18,7 +18,7 @@ norm), the one-process comparison of plain FSDP 2 and TP 2 for both families.
 
 Refresh on purpose (an intended change of the numbers), then commit the JSON with the change that explains it:
 
-    TORCHTITAN_HYENA_UPDATE_BASELINES=1 python -m pytest tests/test_baselines.py
+    TORCHTITAN_HYENA_UPDATE_BASELINES=1 python -m pytest tests/integration/test_baselines.py
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def curves(tmp_path_factory) -> dict[tuple[str, str], dict]:
 def write_baseline(model: str, runs: dict[str, dict]) -> None:
     BASELINES.mkdir(parents=True, exist_ok=True)
     payload = {
-        "about": "per-step loss and grad norm (before clipping), rank 0; refresh: see tests/test_baselines.py",
+        "about": "per-step loss and grad norm (before clipping), rank 0; refresh: see test_baselines.py",
         "recorded_with": environment(),
         "layouts": {
             layout: {"args": run_args(model, layout), "loss": r["losses"], "grad_norm": r["grad_norms"]}

@@ -1,4 +1,4 @@
-"""Scoring CLI: FASTA input preparation and one-line errors (the end-to-end run is in test_dna_train.py)."""
+"""Scoring CLI: FASTA input preparation and one-line errors (the end-to-end run: integration/test_dna_train.py)."""
 
 from __future__ import annotations
 

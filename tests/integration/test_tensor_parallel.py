@@ -34,7 +34,7 @@ VALIDATION = ["--validation.enable", "true", "--validation.steps", "2", "--valid
               "--validation.local_batch_size", "2"]  # fmt: skip
 CKPT = ["--checkpoint.enable", "true", "--checkpoint.interval", "5", "--training.local_batch_size", "1"]
 
-TWO_RANKS = {  # TP 2 without loss parallel: test_baselines.py
+TWO_RANKS = {  # TP 2 without loss parallel: tests/integration/test_baselines.py
     "tp2_lp": [*FP32, *TP2_ONLY, *LP],
     # Async TP needs NVIDIA symmetric memory: on CPU it is skipped with a warning, and the run must still match.
     "tp2_lp_compile_full_ac": [

@@ -67,7 +67,7 @@ def test_resume_is_bit_exact_and_converted_checkpoints_seed_runs(tmp_path):
 
 def test_untied_tp_and_2d_match_one_process(tmp_path):
     """TP 2 with an untied head and loss parallel, and FSDP 2 x TP 2, against one process (FSDP 2 and TP 2 with the
-    tied head: test_baselines.py)."""
+    tied head: tests/integration/test_baselines.py)."""
     base = [*HYENA_TINY, *BATCH]
     untied = ["--model.tie_embeddings", "false"]
     tp2 = ["--parallelism.tensor_parallel_degree", "2"]

@@ -120,3 +120,15 @@ def test_entry_points_set_up_through_build():
     graph = import_graph()
     users = ("train", "evaluate", "score", "generate", "tools.dry_run", "convert.evo2", "convert.llama")
     assert [name for name in users if f"{PACKAGE}.build" not in graph[f"{PACKAGE}.{name}"]] == []
+
+
+def test_the_tests_mirror_the_package():
+    """Unit tests live under ``tests/unit/<package path>/``, end-to-end and multi-process runs under
+    ``tests/integration/``; a new test file finds its place without asking."""
+    tests = REPO / "tests"
+    assert not list(tests.glob("test_*.py")), "tests go under tests/unit/<package path>/ or tests/integration/"
+    for folder in (tests / "unit").rglob("*"):
+        if folder.is_dir() and folder.name != "__pycache__":
+            relative = folder.relative_to(tests / "unit")
+            assert (REPO / PACKAGE / relative).is_dir(), f"tests/unit/{relative} mirrors no package folder"
+    assert not [p for p in (tests / "integration").iterdir() if p.is_dir() and p.name != "__pycache__"]
