@@ -11,7 +11,9 @@ step 1 of run i as ``GRADS_DIR/i.pt``.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -56,12 +58,25 @@ def record_grad_norms(trainer: Trainer) -> list[float]:
     return norms
 
 
+def log_time(args: list[str], build_s: float, train_s: float) -> None:
+    """With TORCHTITAN_HYENA_RUN_TIMES=FILE, rank 0 appends each run's set-up and training seconds: where the
+    suite's multi-process time goes."""
+    path = os.environ.get("TORCHTITAN_HYENA_RUN_TIMES")
+    if path and dist.get_rank() == 0:
+        record = {"ranks": dist.get_world_size(), "build_s": round(build_s, 2), "train_s": round(train_s, 2),
+                  "test": os.environ.get("PYTEST_CURRENT_TEST", ""), "args": args}  # fmt: skip
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def main() -> None:
     runs = json.loads(Path(sys.argv[1]).read_text())
     grads_dir = Path(sys.argv[3]) if len(sys.argv) > 3 else None
     results = []
     for i, args in enumerate(runs):
+        start = time.perf_counter()
         trainer = Trainer(ConfigManager().parse_args(args))
+        built = time.perf_counter()
         if grads_dir is not None:
             save_first_gradients(trainer, grads_dir / f"{i}.pt")
         grad_norms = record_grad_norms(trainer)
@@ -70,6 +85,7 @@ def main() -> None:
             results.append({"losses": losses, "grad_norms": grad_norms, "steps": trainer.state.step})
         finally:
             trainer.close()
+        log_time(args, built - start, time.perf_counter() - built)
     if dist.get_rank() == 0:
         with open(sys.argv[2], "w") as f:
             json.dump(results, f)
