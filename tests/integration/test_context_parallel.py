@@ -261,8 +261,10 @@ def test_collectives_halos_all_to_all_and_attention_match_one_process(tmp_path):
 
 
 HYENA_TINY = [str(REPO / "train_configs" / "debug_hyena.toml") if a.endswith("debug_model.toml") else a for a in TINY]
-# fp32, 5 steps, global batch 2 (one data-parallel rank under CP alone); lr 1e-3 (see test_tensor_parallel.py).
-COMMON = ["--training.steps", "5", "--training.global_batch_size", "2", "--optimizer.lr", "1e-3"]
+# fp32, 5 steps, global batch 2 x 64 tokens (one data-parallel rank under CP alone; CP 4 leaves 16 tokens per rank,
+# fewer than the MR filter's taps, so halos span several ranks); lr 1e-3 (see test_tensor_parallel.py).
+COMMON = ["--training.steps", "5", "--training.seq_len", "64", "--training.global_batch_size", "2",
+          "--optimizer.lr", "1e-3"]  # fmt: skip
 MODELS = {"llama": [*TINY, *COMMON], "hyena": [*HYENA_TINY, *COMMON]}
 VALIDATION = ["--validation.enable", "true", "--validation.steps", "2", "--validation.freq", "5",
               "--validation.local_batch_size", "2"]  # fmt: skip

@@ -10,7 +10,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_fsdp_and_hsdp_match_one_process(tmp_path):
-    batch = ["--training.global_batch_size", "8", "--training.local_batch_size", "2"]
+    batch = ["--training.global_batch_size", "8", "--training.local_batch_size", "2", "--training.seq_len", "64",
+             "--training.steps", "6"]  # fmt: skip
     (single,) = torchrun_losses(1, [[*TINY, *batch, "--job.dump_folder", str(tmp_path / "one")]], tmp_path)
     fsdp, hsdp = torchrun_losses(
         4,

@@ -19,13 +19,15 @@ from torchtitan_hyena.models.hyena.state_dict_adapter import VortexAdapter
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 
 HYENA_TINY = [str(REPO / "train_configs" / "debug_hyena.toml") if a.endswith("debug_model.toml") else a for a in TINY]
-BATCH = ["--training.global_batch_size", "4", "--training.local_batch_size", "2", "--training.steps", "5"]
+BATCH = ["--training.global_batch_size", "4", "--training.local_batch_size", "2", "--training.steps", "5",
+         "--training.seq_len", "64"]  # fmt: skip
 
 
 def test_debug_hyena_trains_30_steps(tmp_path):
     out = tmp_path / "run"
     proc = run_cli(["--job.config_file", "train_configs/debug_hyena.toml", "--training.steps", "30",
-                    "--job.dump_folder", str(out), "--metrics.enable_tensorboard", "false"])  # fmt: skip
+                    "--training.seq_len", "128", "--job.dump_folder", str(out),
+                    "--metrics.enable_tensorboard", "false"])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 31))

@@ -15,13 +15,13 @@ from tests.conftest import TINY, assert_losses_close, torchrun_losses
 
 pytestmark = pytest.mark.slow
 
-# fp32, global batch 4 in every layout. lr 1e-3 instead of the debug config's 3e-3: at 3e-3 the loss spikes at
-# step 6 and Adam amplifies fp32 reduction-order differences (TP's split matmuls, like any other change of summation
-# order) to ~2e-5 there; at 1e-3 every layout stays within ~6e-7 of one process.
-FP32 = [*TINY, "--training.global_batch_size", "4", "--optimizer.lr", "1e-3"]
+# fp32, global batch 4 x 64 tokens in every layout, 6 steps. lr 1e-3 instead of the debug config's 3e-3: at 3e-3
+# the loss spikes early and Adam amplifies fp32 reduction-order differences (TP's split matmuls, like any other change
+# of summation order) to ~2e-5 there; at 1e-3 every layout stays within ~6e-7 of one process.
+SHORT = ["--training.seq_len", "64", "--training.steps", "6"]
+FP32 = [*TINY, *SHORT, "--training.global_batch_size", "4", "--optimizer.lr", "1e-3"]
 # float8 (emulated) against the same run without float8, both with bf16 parameters, 6 steps.
-BF16 = [*TINY, "--training.global_batch_size", "4", "--training.mixed_precision_param", "bfloat16",
-        "--training.steps", "6"]  # fmt: skip
+BF16 = [*TINY, *SHORT, "--training.global_batch_size", "4", "--training.mixed_precision_param", "bfloat16"]
 FLOAT8 = ["--float8.enable", "true", "--float8.emulate", "true"]
 LP = ["--parallelism.enable_loss_parallel", "true"]
 # TP alone has one data-parallel rank: the whole global batch in one microbatch (fewer, larger collectives).
@@ -30,11 +30,11 @@ TP2_ONLY = [*TP2, "--training.local_batch_size", "4"]
 TP4_ONLY = ["--parallelism.tensor_parallel_degree", "4", "--training.local_batch_size", "4"]
 FSDP2 = ["--parallelism.data_parallel_shard_degree", "2"]
 HSDP2x1 = ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1"]
-VALIDATION = ["--validation.enable", "true", "--validation.steps", "2", "--validation.freq", "10",
+VALIDATION = ["--validation.enable", "true", "--validation.steps", "2", "--validation.freq", "6",
               "--validation.local_batch_size", "2"]  # fmt: skip
-CKPT = ["--checkpoint.enable", "true", "--checkpoint.interval", "5", "--training.local_batch_size", "1"]
+CKPT = ["--checkpoint.enable", "true", "--checkpoint.interval", "3", "--training.local_batch_size", "1"]
 
-TWO_RANKS = {  # TP 2 without loss parallel: tests/integration/test_baselines.py
+TWO_RANKS = {  # TP 2 without loss parallel, FSDP 2 and the hybrid's layouts: test_baselines.py
     "tp2_lp": [*FP32, *TP2_ONLY, *LP],
     # Async TP needs NVIDIA symmetric memory: on CPU it is skipped with a warning, and the run must still match.
     "tp2_lp_compile_full_ac": [
@@ -43,6 +43,8 @@ TWO_RANKS = {  # TP 2 without loss parallel: tests/integration/test_baselines.py
         *LP,
         "--compile.enable",
         "true",
+        "--compile.backend",
+        "aot_eager",  # dynamo and AOT autograd trace the DTensors; Inductor's C++ build: test_train.py
         "--activation_checkpoint.mode",
         "full",
         "--parallelism.enable_async_tensor_parallel",
@@ -54,16 +56,14 @@ TWO_RANKS = {  # TP 2 without loss parallel: tests/integration/test_baselines.py
     "tp2_float8": [*BF16, *TP2_ONLY, *LP, *FLOAT8],
 }
 FOUR_RANKS = {
-    "tp4": [*FP32, *TP4_ONLY],
     "tp4_lp": [*FP32, *TP4_ONLY, *LP, *VALIDATION],
-    "fsdp2_tp2": [*FP32, *FSDP2, *TP2],
     "fsdp2_tp2_lp": [*FP32, *FSDP2, *TP2, *LP],
     "hsdp2x1_tp2": [*FP32, *HSDP2x1, *TP2],
     "hsdp2x1_tp2_lp_reshard_always": [*FP32, *HSDP2x1, *TP2, *LP, "--parallelism.fsdp_reshard_after_forward", "always"],
     "fsdp2_tp2_reshard_never_offload": [*FP32, *FSDP2, *TP2, *LP, "--parallelism.fsdp_reshard_after_forward", "never",
                                         "--training.enable_cpu_offload", "true"],
-    # Save under FSDP 4 at step 5, resume under FSDP 2 x TP 2 (same dump folder) for steps 6-10.
-    "save_fsdp4": [*FP32, *CKPT, "--parallelism.data_parallel_shard_degree", "4", "--training.stop_at_step", "5"],
+    # Save under FSDP 4 at step 3, resume under FSDP 2 x TP 2 (same dump folder) for steps 4-6.
+    "save_fsdp4": [*FP32, *CKPT, "--parallelism.data_parallel_shard_degree", "4", "--training.stop_at_step", "3"],
     "resume_fsdp2_tp2": [*FP32, *CKPT, *FSDP2, *TP2, *LP],
 }  # fmt: skip
 
@@ -91,8 +91,8 @@ def losses(root) -> dict[str, list[float]]:
 
 def test_tp_matches_one_process_with_and_without_loss_parallel(losses):
     single = losses["single"]
-    assert len(single) == 10 and single[-1] < 0.5 * single[0]
-    for name in ("tp2_lp", "tp4", "tp4_lp"):
+    assert len(single) == 6 and single[-1] < 0.7 * single[0]
+    for name in ("tp2_lp", "tp4_lp"):
         assert_losses_close(losses[name], single, rtol=1e-5)
 
 
@@ -109,7 +109,7 @@ def test_tp_composes_with_compile_and_activation_checkpointing(losses):
 
 
 def test_fsdp_and_hsdp_compose_with_tp(losses):
-    for name in ("fsdp2_tp2", "fsdp2_tp2_lp", "hsdp2x1_tp2", "hsdp2x1_tp2_lp_reshard_always"):
+    for name in ("fsdp2_tp2_lp", "hsdp2x1_tp2", "hsdp2x1_tp2_lp_reshard_always"):
         assert_losses_close(losses[name], losses["single"], rtol=1e-5)
 
 
@@ -119,8 +119,8 @@ def test_reshard_never_and_cpu_offload_change_memory_not_numerics(losses):
 
 def test_checkpoint_saved_under_fsdp4_resumes_under_fsdp2_tp2(losses):
     single = losses["single"]
-    assert_losses_close(losses["save_fsdp4"], single[:5], rtol=1e-5)
-    assert_losses_close(losses["resume_fsdp2_tp2"], single[5:], rtol=1e-5)  # step 6 = the next step after resume
+    assert_losses_close(losses["save_fsdp4"], single[:3], rtol=1e-5)
+    assert_losses_close(losses["resume_fsdp2_tp2"], single[3:], rtol=1e-5)  # step 4 = the next step after resume
 
 
 @pytest.mark.parametrize("layout", ["fsdp2", "tp2"])

@@ -16,9 +16,10 @@ def read_jsonl(path) -> list[dict]:
 
 
 def test_debug_model_trains_30_steps(tmp_path):
+    """The shipped debug config with its logging, validation and checkpointing (on 128-token sequences)."""
     out = tmp_path / "run"
     proc = run_cli(["--job.config_file", "train_configs/debug_model.toml", "--training.steps", "30",
-                    "--job.dump_folder", str(out)])  # fmt: skip
+                    "--training.seq_len", "128", "--job.dump_folder", str(out)])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 31))
