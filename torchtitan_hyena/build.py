@@ -32,6 +32,7 @@ from torchtitan_hyena.components.checkpoint import (
     step_folders,
 )
 from torchtitan_hyena.components.dcp_reader import read_dcp_metadata
+from torchtitan_hyena.components.lora import apply_lora, init_adapters, parameter_summary
 from torchtitan_hyena.config import JobConfig
 from torchtitan_hyena.config.job_config import Model
 from torchtitan_hyena.distributed.compile import compiles_model
@@ -44,6 +45,7 @@ from torchtitan_hyena.distributed.utils import init_distributed, local_device
 from torchtitan_hyena.distributed.warmup import warm_up
 from torchtitan_hyena.dtypes import DTYPES
 from torchtitan_hyena.errors import ConfigError
+from torchtitan_hyena.models.common.init import init_param_, uniform
 from torchtitan_hyena.models.common.precision import cast_model_
 from torchtitan_hyena.protocols.model import MODEL_ARGS_FILE, BaseModelArgs, read_model_args
 from torchtitan_hyena.protocols.train_spec import TrainSpec, available, get_flavor_args, get_train_spec
@@ -108,7 +110,8 @@ def model_args_from_config(spec: TrainSpec, job_config: JobConfig) -> BaseModelA
 
 def validate_files(job_config: JobConfig) -> None:
     """The run's output folders can be written, and the checkpoint it seeds from (not on a resume, which ignores
-    the seed) is of this model family and safe to read: refused before any rank builds anything."""
+    the seed, except under LoRA, whose resume reads its frozen base weights from it again) is of this model family
+    and safe to read: refused before any rank builds anything."""
     c = job_config
     dump = Path(c.job.dump_folder)
     check_writable_dir(dump, "job.dump_folder")
@@ -120,7 +123,7 @@ def validate_files(job_config: JobConfig) -> None:
         if used:
             check_writable_dir(dump / folder, key)
     seed = c.checkpoint.initial_load_path
-    if seed and not (c.checkpoint.enable and step_folders(dump / c.checkpoint.folder)):
+    if seed and (c.lora.enable or not (c.checkpoint.enable and step_folders(dump / c.checkpoint.folder))):
         check_model_family(Path(seed), c.model.name)
         read_dcp_metadata(seed)
 
@@ -248,20 +251,29 @@ def meta_model(spec: TrainSpec, args: BaseModelArgs) -> nn.Module:
 
 
 def build_model(s: Setup, *, materialize: bool = True) -> BuiltModel:
-    """Meta model -> float8 -> the family's parallelize plan -> (``materialize``) allocate and initialize."""
+    """Meta model -> float8 or LoRA -> the family's parallelize plan -> (``materialize``) allocate and initialize."""
     c, t = s.config, s.config.training
     model = meta_model(s.spec, s.model_args)
     if c.float8.enable:  # module swaps happen on the meta model, before parallelization
         convert_to_float8(model, c.float8, tp_degree=s.parallel_dims.tp, compiled=compiles_model(c.compile))
     nparams, flops = s.model_args.get_nparams_and_flops(model, t.seq_len)
     logger.info(f"{c.model.name} {c.model.flavor}: {nparams:,} parameters, {flops:.3e} training FLOPs per token")
+    if c.lora.enable:
+        apply_lora(model, c.lora)
+        logger.info(parameter_summary(model))
     model = parallelize(model, s.parallel_dims, c, s.cp, s.spec.parallelize_plan)
     if materialize:
         model.to_empty(device=torch.device("cpu") if t.enable_cpu_offload else s.device)
         with torch.no_grad():
             model.init_weights(buffer_device=s.device if t.enable_cpu_offload else None, seed=t.seed)
+            init_lora(model, t.seed)
         model.train()
     return BuiltModel(model, nparams, flops)
+
+
+def init_lora(model: nn.Module, seed: int) -> None:
+    """Fresh LoRA adapters (B = 0), drawn layout-invariantly like every weight; a no-op without LoRA."""
+    init_adapters(model, lambda param, fqn, bound: init_param_(param, uniform(bound), seed, fqn))
 
 
 def model_shapes(name: str, args: BaseModelArgs) -> dict[str, tuple[int, ...]]:

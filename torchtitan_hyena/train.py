@@ -95,6 +95,8 @@ class Trainer:
             train_state=self.state,
             model_info=(c.model.name, c.model.flavor, s.model_args),
             job_config_dict=to_dict(c),
+            frozen_base=c.lora.enable,
+            save_frozen=not c.lora.enable or c.lora.save_base_weights,
         )
         self.nonfinite = NonFiniteGuard(t.on_nonfinite_loss, t.max_nonfinite_skips, self.checkpointer)
         self.stop_signals = StopSignals()

@@ -34,6 +34,7 @@ CLIS = {
     "train": {"module": "torchtitan_hyena.train"},
     "evaluate": {"module": "torchtitan_hyena.evaluate"},
     "score": {"module": "torchtitan_hyena.score"},
+    "merge_lora": {"module": "torchtitan_hyena.merge_lora"},
     "preprocess": {"module": "torchtitan_hyena.preprocess"},
     **{name: {"script": str(REPO / f"{name}.py")} for name in ("llama_to_dcp", "dcp_to_llama", "evo2_to_dcp",
                                                                   "dcp_to_evo2")},
@@ -116,6 +117,21 @@ CASES: dict[str, Case] = {
     "dropout_one": hyena("--model.hidden_dropout", "1", fragment="model.hidden_dropout must be in [0, 1)"),
     "float8_all_gather_without_float8": train("--float8.enable_fsdp_float8_all_gather", "true",
                                               fragment="needs float8.enable = true"),
+    "lora_rank_zero": train("--lora.enable", "true", "--lora.rank", "0",
+                            fragment="lora.rank and lora.alpha must be positive"),
+    "lora_with_float8": train("--lora.enable", "true", "--float8.enable", "true", "--float8.emulate", "true",
+                              fragment="lora.enable does not combine with float8.enable"),
+    "lora_target_absent": train("--lora.enable", "true", "--lora.target_modules", "q_proj",
+                                fragment="match no linear layer of this model; its linear layers are named"),
+    # ---------------------------------------------------------------- merge_lora
+    "merge_lora_not_lora": Case("merge_lora", ("--input_dir", "{llama}", "--output_dir", "{w}/o"),
+                                "job_config.json not found: --input_dir must be a step folder of a LoRA"),
+    "merge_lora_missing_base": Case("merge_lora", ("--input_dir", "{lora_no_base}", "--output_dir", "{w}/o"),
+                                    "checkpoint.initial_load_path /no/such/base, are not a folder"),
+    "merge_lora_no_adapters": Case("merge_lora", ("--input_dir", "{lora_no_adapters}", "--output_dir", "{w}/o"),
+                                   "does not match its job_config.json"),
+    "merge_lora_output_taken": Case("merge_lora", ("--input_dir", "{lora_no_adapters}", "--output_dir", "{w}/o"),
+                                    "exists and is not empty", setup=file_at("o/x")),
     # ---------------------------------------------------------------- output locations (train)
     "dump_folder_is_file": train("--job.dump_folder", "{w}/taken", setup=file_at("taken"),
                                  fragment="job.dump_folder {w}/taken is a file"),
@@ -290,6 +306,10 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     a["llama_args_zero_eps"] = b.edit_model_args(a["llama"], root / "args_eps", norm_eps=0.0)
     a["llama_args_not_json"] = b.edit_model_args(a["llama"], root / "args_json")
     (a["llama_args_not_json"] / "model_args.json").write_text("{not json")
+    for name, base in (("lora_no_base", "/no/such/base"), ("lora_no_adapters", "")):
+        a[name] = b.edit_model_args(a["llama"], root / name)
+        job = {"lora": {"enable": True}, "checkpoint": {"initial_load_path": base}, "training": {"seed": 0}}
+        (a[name] / "job_config.json").write_text(json.dumps(job))
     a.update(b.llama_sources(root))
     torch.save({"blocks.0.x": torch.zeros(64, 64)}, root / "vortex.pt")
     a["vortex_truncated"] = root / "vortex_truncated.pt"

@@ -72,10 +72,12 @@ def check_model_family(path: Path, model_name: str) -> None:
     raise UserError(f"checkpoint {path} holds a {family!r} model but this run trains {model_name!r}; {hint}")
 
 
-def model_state_dict(model_parts: list[nn.Module]) -> dict[str, Any]:
+def model_state_dict(model_parts: list[nn.Module], trainable_only: bool = False) -> dict[str, Any]:
+    """The parts' model state; ``trainable_only``: without the frozen weights (a LoRA checkpoint)."""
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
     sd: dict[str, Any] = {}
     for part in model_parts:
-        sd.update(get_model_state_dict(part))
+        sd.update(get_model_state_dict(part, options=options))
     return sd
 
 
@@ -93,6 +95,7 @@ def load_model_weights(
     strict_shapes: bool = True,
     fix: str = "check model.flavor and model.vocab_size",
     metadata: Metadata | None = None,
+    trainable_only: bool = False,
 ) -> dict[str, list[str]]:
     """Load model tensors from a DCP folder into ``model_parts``, tolerating partial checkpoints.
 
@@ -101,11 +104,12 @@ def load_model_weights(
     returned, so the caller can list them. ``fix`` ends the error raised on a mismatch under
     ``strict_shapes``: what the user should change depends on where the model's shape came from.
     A partial load must still match some of the model's layers: names shared by every model
-    (embeddings, final norm) alone do not make a seed.
+    (embeddings, final norm) alone do not make a seed. ``trainable_only``: only the trained tensors are
+    expected (a LoRA checkpoint; the frozen base weights come from elsewhere).
     """
     metadata = metadata or read_dcp_metadata(path)
     meta = metadata.state_dict_metadata
-    sd = model_state_dict(model_parts)
+    sd = model_state_dict(model_parts, trainable_only)
     to_load, renamed, missing, mismatched = {}, {}, [], []
     for key, value in sd.items():
         ckpt_key = key if key in meta else f"model.{key}" if f"model.{key}" in meta else None
@@ -179,8 +183,15 @@ class CheckpointManager:
         train_state: Any,
         model_info: tuple[str, str, Any],
         job_config_dict: dict[str, Any],
+        frozen_base: bool = False,
+        save_frozen: bool = True,
     ) -> None:
+        """``frozen_base`` (LoRA): resuming reads only the trained tensors from the step folder and the frozen base
+        weights from ``initial_load_path`` again (or keeps their seeded init without one); ``save_frozen`` false:
+        checkpoints leave the frozen weights out."""
         self.config = config
+        self.frozen_base = frozen_base
+        self.save_frozen = save_frozen
         self.enabled = config.enable
         self.folder = dump_folder / config.folder
         self.model_parts = model_parts
@@ -242,11 +253,13 @@ class CheckpointManager:
         check_model_family(path, self.model_info[0])
         metadata = read_dcp_metadata(path)
         meta = metadata.state_dict_metadata
+        if self.frozen_base and self.config.initial_load_path:
+            self._initial_load(Path(self.config.initial_load_path), model_only=True)
         if "train_state.step" not in meta and not any(k.startswith("train_state") for k in meta):
             logger.info(f"checkpoint {path} is model-only: loading weights, starting the schedule at step 0")
-            load_model_weights(self.model_parts, path, metadata=metadata)
+            load_model_weights(self.model_parts, path, metadata=metadata, trainable_only=self.frozen_base)
             return 0
-        load_model_weights(self.model_parts, path, metadata=metadata)
+        load_model_weights(self.model_parts, path, metadata=metadata, trainable_only=self.frozen_base)
         names = [n for n in _NON_MODEL if n not in self.config.exclude_from_loading]
         state = {n: self.stateful[n].state_dict() for n in names}
         load_dcp(state, path, metadata=metadata, fix=_RESUME_FIX)
@@ -255,7 +268,7 @@ class CheckpointManager:
         logger.info(f"resumed from {path} in {time.perf_counter() - t0:.1f}s")
         return step
 
-    def _initial_load(self, path: Path) -> None:
+    def _initial_load(self, path: Path, model_only: bool = False) -> None:
         t0 = time.perf_counter()
         check_model_family(path, self.model_info[0])
         metadata = read_dcp_metadata(path)
@@ -267,7 +280,7 @@ class CheckpointManager:
             logger.info(f"kept fresh init (shape differs): {', '.join(report['mismatched'])}")
         if report["unused"]:
             logger.info(f"ignored checkpoint tensors the model does not have: {', '.join(report['unused'])}")
-        if not self.config.initial_load_model_only:
+        if not (model_only or self.config.initial_load_model_only):
             meta = metadata.state_dict_metadata
             names = [n for n in _NON_MODEL if any(k.startswith(n) for k in meta)]
             names = [n for n in names if n not in self.config.exclude_from_loading and n != "train_state"]
@@ -291,7 +304,7 @@ class CheckpointManager:
         if dist.is_initialized():
             dist.barrier()
         model_only = last_step and self.config.last_save_model_only
-        state: dict[str, Any] = model_state_dict(self.model_parts)
+        state: dict[str, Any] = model_state_dict(self.model_parts, trainable_only=not self.save_frozen)
         if model_only:
             dtype = DTYPES[self.config.export_dtype]
             state = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in state.items()}

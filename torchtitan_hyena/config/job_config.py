@@ -216,6 +216,25 @@ class Validation:
     local_batch_size: int = opt(-1, "validation sequences per rank; -1 uses training.local_batch_size")
 
 
+@dataclass
+class Lora:
+    enable: bool = opt(False, "LoRA fine-tuning: low-rank adapters on target_modules, every other weight frozen")
+    rank: int = opt(8, "adapter rank r")
+    alpha: float = opt(16.0, "adapter scale: the update is multiplied by alpha / rank")
+    dropout: float = opt(0.0, "dropout on the adapters' input (training only)")
+    target_modules: list[str] = opt(
+        ["wq", "wk", "wv", "wo", "wqkv", "projections", "out_proj"],
+        "linear layers to adapt: fnmatch patterns of the full name or its last part; the default is every mixer's "
+        "input and output projections (attention of both families, Hyena); add w1,w2,w3 for the MLPs. Hyena "
+        "filters only when named",
+    )
+    train_embeddings: bool = opt(False, "also train the embeddings and the (untied) output head")
+    train_norms: bool = opt(False, "also train the norms")
+    save_base_weights: bool = opt(
+        False, "checkpoints also hold the frozen base weights (default: adapters, trained weights and optimizer only)"
+    )
+
+
 SECTIONS: dict[str, type] = {
     "job": Job,
     "profiling": Profiling,
@@ -231,6 +250,7 @@ SECTIONS: dict[str, type] = {
     "float8": Float8,
     "comm": Comm,
     "validation": Validation,
+    "lora": Lora,
 }
 
 
@@ -250,3 +270,4 @@ class JobConfig:
     float8: Float8 = field(default_factory=Float8)
     comm: Comm = field(default_factory=Comm)
     validation: Validation = field(default_factory=Validation)
+    lora: Lora = field(default_factory=Lora)

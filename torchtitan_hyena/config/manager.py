@@ -215,8 +215,23 @@ def validate(config: JobConfig) -> None:
         if getattr(f8, key) and not f8.enable:
             raise ConfigError(f"float8.{key} = true needs float8.enable = true; set one of them differently")
     _validate_model(c)
+    _validate_lora(c)
     if c.validation.enable and c.validation.steps == 0:
         raise ConfigError("validation.steps must be positive or -1 (whole split), got 0")
+
+
+def _validate_lora(c: JobConfig) -> None:
+    lora = c.lora
+    if not lora.enable:
+        return
+    if lora.rank <= 0 or lora.alpha <= 0:
+        raise ConfigError(f"lora.rank and lora.alpha must be positive, got rank {lora.rank}, alpha {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
+    if not lora.target_modules:
+        raise ConfigError("lora.target_modules is empty; name the linear layers to adapt (e.g. wq,wk,wv,wo)")
+    if c.float8.enable:
+        raise ConfigError("lora.enable does not combine with float8.enable (adapters wrap plain linears); drop one")
 
 
 def _validate_model(c: JobConfig) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from torchtitan_hyena.components.lora import shard_adapters
 from torchtitan_hyena.config import JobConfig
 from torchtitan_hyena.distributed.activation_checkpoint import apply_ac
 from torchtitan_hyena.distributed.compile import apply_compile, compiles_model
@@ -88,7 +89,12 @@ def parallelize(
     if parallel_dims.tp_enabled:
         tp_mesh = parallel_dims.get_mesh("tp")
         p = job_config.parallelism
+        frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
         plan.apply_tp(model, tp_mesh, TPOptions(p.enable_loss_parallel, is_tensorwise(job_config.float8), compiled))
+        shard_adapters(model, tp_mesh)  # LoRA adapters, sharded like their base layers (none without LoRA)
+        for name, param in model.named_parameters():  # frozen weights (LoRA) stay frozen whatever the plan did
+            if name in frozen:
+                param.requires_grad_(False)
         maybe_enable_async_tp(p.enable_async_tensor_parallel, compiled, tp_mesh)
     if cp is not None:
         plan.apply_cp(model, cp)

@@ -134,6 +134,7 @@ class MemoryReport:
     mesh: dict[str, int]
     model: str
     nparams: int
+    trainable_params: int | None  # LoRA: only these have gradients and optimizer state (None: every parameter)
     param_bytes: int
     grad_bytes: int
     optimizer_bytes: int
@@ -183,12 +184,13 @@ class MemoryReport:
             disable_numparse=True,
         )
         mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
+        trained = "" if self.trainable_params is None else f" ({self.trainable_params:,} trainable, LoRA)"
         verdict = "FITS" if self.fits else "DOES NOT FIT"
         if act is None:
             verdict += " (without activations: no activation model for this family)"
         return (
             f"dry run of {self.config_file} on {self.world_size} ranks ({mesh}): {self.model}, "
-            f"{self.nparams / 1e9:.2f}B parameters\n{body}\n"
+            f"{self.nparams / 1e9:.2f}B parameters{trained}\n{body}\n"
             f"verdict: {verdict}: {self.total_bytes / GIB:.1f} of {self.device_bytes / GIB:.1f} GiB on {self.device}"
         )
 
@@ -230,6 +232,7 @@ def dry_run(config: JobConfig, world_size: int | None = None, device: str = "mi2
         model, nparams, _ = build.build_model(s, materialize=False)
 
         param_bytes = sum(_local_bytes(q) for q in model.parameters())
+        trained_bytes = sum(_local_bytes(q) for q in model.parameters() if q.requires_grad)  # all but LoRA's base
         states = OPTIMIZER_STATES.get(c.optimizer.name, 2)
         fsdp_units = _fsdp_unit_numels(model, pd.dp_shard * pd.cp)
         gathered, reduce = DTYPES[c.training.mixed_precision_param].itemsize, 4
@@ -266,9 +269,10 @@ def dry_run(config: JobConfig, world_size: int | None = None, device: str = "mi2
             mesh=dict(zip(mesh.mesh_dim_names or (), mesh.shape)),
             model=f"{c.model.name} {c.model.flavor}",
             nparams=nparams,
+            trainable_params=sum(q.numel() for q in model.parameters() if q.requires_grad) if c.lora.enable else None,
             param_bytes=param_bytes,
-            grad_bytes=param_bytes,
-            optimizer_bytes=states * param_bytes,
+            grad_bytes=trained_bytes,
+            optimizer_bytes=states * trained_bytes,
             fsdp_buffer_bytes=buffers,
             activations=activations,
             offloaded=c.training.enable_cpu_offload,

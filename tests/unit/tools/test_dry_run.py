@@ -87,6 +87,13 @@ def test_never_resharding_keeps_every_unit_gathered():
     assert never.fsdp_buffer_bytes > base.fsdp_buffer_bytes + 12 * GIB
 
 
+def test_lora_counts_gradients_and_optimizer_state_of_the_adapters_only():
+    c = neural_pile("rodent_8B_131k", "--lora.enable", "true", "--lora.rank", "8")
+    report = dry_run(c, required_world_size(c))  # the config's own TP x FSDP layout, adapters sharded with it
+    assert report.optimizer_bytes == 2 * report.grad_bytes and report.grad_bytes < 0.02 * report.param_bytes
+    assert 0 < report.trainable_params < 0.01 * report.nparams and "trainable, LoRA" in report.table()
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
