@@ -3,6 +3,7 @@ the function, the checkpoint is small, bad targets are one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -22,9 +23,9 @@ from torchtitan_hyena.protocols.train_spec import get_flavor_args, get_train_spe
 FAMILIES = ("llama3", "hyena")
 
 
-def build(family: str, lora: Lora | None, seed: int = 0) -> nn.Module:
+def build(family: str, lora: Lora | None, seed: int = 0, **args) -> nn.Module:
     spec = get_train_spec(family)
-    model = meta_model(spec, get_flavor_args(spec, "debugmodel"))
+    model = meta_model(spec, dataclasses.replace(get_flavor_args(spec, "debugmodel"), **args))
     if lora is not None:
         apply_lora(model, lora)
     model.to_empty(device="cpu")
@@ -34,11 +35,11 @@ def build(family: str, lora: Lora | None, seed: int = 0) -> nn.Module:
     return model
 
 
-def tokens(n: int = 2, length: int = 64) -> torch.Tensor:
+def tokens(n: int = 2, length: int = 32) -> torch.Tensor:
     return torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(1))
 
 
-def train_steps(model: nn.Module, steps: int = 3, opt=None) -> list[float]:
+def train_steps(model: nn.Module, steps: int = 2, opt=None) -> list[float]:
     opt = opt or build_optimizers([model], Optimizer(lr=1e-2))
     x = tokens()
     losses = []
@@ -88,6 +89,17 @@ def test_lora_options_choose_what_trains():
     assert "layers.0.attention.wq.weight" not in trainable
     with pytest.raises(ConfigError, match=r"match no linear layer of this model; its linear layers are named"):
         build("llama3", Lora(enable=True, target_modules=["q_proj"]))
+
+
+def test_hyena_filters_are_adapted_only_when_named():
+    freeform = {"li_filter": "implicit_freeform"}  # the LI filter with linear layers (an MLP over positions)
+    base = build("hyena", None, **freeform)
+    adapted = build("hyena", Lora(enable=True, target_modules=["*.filter.mlp.*"]), **freeform)
+    assert {n.split(".filter.")[0] for n, m in adapted.named_modules() if isinstance(m, LoRALinear)} == {
+        f"layers.{i}.mixer" for i, kind in enumerate(base.args.layout) if kind == "H"
+    }
+    with torch.no_grad():
+        assert torch.equal(adapted(tokens()), base(tokens()))
 
 
 def _size(folder: Path) -> int:

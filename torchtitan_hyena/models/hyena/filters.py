@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from torchtitan_hyena.distributed.context_parallel.convolution import gated_conv_on_channels, gated_conv_with_halo
 from torchtitan_hyena.distributed.context_parallel.layout import ChannelSlice, ContextParallel
-from torchtitan_hyena.distributed.utils import clean_fqn
 from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.models.common.decode import LayerCache
 from torchtitan_hyena.models.common.dtensor import local
@@ -72,9 +71,9 @@ class HyenaFilter(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must define init_fns")
 
     def init_weights(self, seed: int, prefix: str) -> None:
-        fns = self.init_fns()
-        for name, param in self.named_parameters():
-            init_param_(param, fns[clean_fqn(name)], seed, f"{prefix}.{name}")
+        """Every parameter of :meth:`init_fns`; others (LoRA adapters on a filter's layers) are their owner's."""
+        for name, fn in self.init_fns().items():
+            init_param_(self.get_parameter(name), fn, seed, f"{prefix}.{name}")
 
 
 class ExplicitFilter(HyenaFilter):
