@@ -32,7 +32,7 @@ from torchtitan_hyena.components.checkpoint import (
     step_folders,
 )
 from torchtitan_hyena.components.dcp_reader import read_dcp_metadata
-from torchtitan_hyena.components.lora import apply_lora, init_adapters, parameter_summary
+from torchtitan_hyena.components.lora import apply_lora, init_adapters, parameter_counts, parameter_summary
 from torchtitan_hyena.config import JobConfig
 from torchtitan_hyena.config.job_config import Model
 from torchtitan_hyena.distributed.compile import compiles_model
@@ -260,7 +260,7 @@ def build_model(s: Setup, *, materialize: bool = True) -> BuiltModel:
     logger.info(f"{c.model.name} {c.model.flavor}: {nparams:,} parameters, {flops:.3e} training FLOPs per token")
     if c.lora.enable:
         apply_lora(model, c.lora)
-        logger.info(parameter_summary(model))
+        logger.info(parameter_summary(parameter_counts(model)))
     model = parallelize(model, s.parallel_dims, c, s.cp, s.spec.parallelize_plan)
     if materialize:
         model.to_empty(device=torch.device("cpu") if t.enable_cpu_offload else s.device)

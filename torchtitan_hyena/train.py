@@ -21,6 +21,7 @@ from torchtitan_hyena import build
 from torchtitan_hyena.components.checkpoint import CheckpointManager
 from torchtitan_hyena.components.dataloader import batch_to_device
 from torchtitan_hyena.components.datasets.base import IGNORE_INDEX
+from torchtitan_hyena.components.lora import parameter_counts
 from torchtitan_hyena.components.metrics import MetricsProcessor
 from torchtitan_hyena.components.resilience import EXIT_PREEMPTED, NonFiniteGuard, StopSignals
 from torchtitan_hyena.components.validate import Validator
@@ -114,6 +115,7 @@ class Trainer:
             world_size=dist.get_world_size(),
             device=self.device,
             total_steps=t.steps,
+            constants=parameter_counts(model) if c.lora.enable else None,
         )
 
     # ------------------------------------------------------------------ the loop

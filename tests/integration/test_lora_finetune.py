@@ -87,6 +87,8 @@ def test_lora_trains_matches_one_process_and_resumes_bit_exactly(runs):
         assert losses[-1] < losses[0], (fam, losses)
         assert_losses_close(four[fam]["losses"], losses, rtol=1e-5)  # FSDP 2 x TP 2, fp32
     assert one["stop"]["losses"] + one["resume"]["losses"] == one["llama"]["losses"]  # resume: bit-exact
+    record = json.loads((runs["root"] / "llama" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < record["trainable_params"] < 0.1 * record["total_params"] and record["optimizer_gib_saved"] > 0
     step = runs["root"] / "llama" / "checkpoint" / "step-4"
     stored = json.loads((step / "model_args.json").read_text())
     assert stored["model_name"] == "llama3"

@@ -161,18 +161,22 @@ def merge_adapters(model: nn.Module) -> int:
     return len(merged)
 
 
-def _numel(p: torch.Tensor) -> int:
-    return p.numel()  # a DTensor's numel is its global one
+def parameter_counts(model: nn.Module, optimizer_states: int = 2) -> dict[str, float]:
+    """Trainable and total parameters (whole model: a DTensor counts globally) and the optimizer state LoRA saves,
+    in GiB (``optimizer_states`` fp32 tensors per trainable parameter: 2 for Adam/AdamW)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "optimizer_gib_saved": (total - trainable) * 4 * optimizer_states / 2**30,
+    }
 
 
-def parameter_summary(model: nn.Module, optimizer_states: int = 2) -> str:
-    """Trainable vs total parameters and the optimizer state LoRA saves (``optimizer_states`` fp32 tensors per
-    trainable parameter: 2 for Adam/AdamW), whole model, before sharding."""
-    total = sum(_numel(p) for p in model.parameters())
-    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
-    gib = 4 * optimizer_states / 2**30
+def parameter_summary(counts: dict[str, float]) -> str:
+    """One log line of :func:`parameter_counts`."""
+    trainable, total = counts["trainable_params"], counts["total_params"]
     return (
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%); optimizer "
-        f"state {trainable * gib:.3f} GiB instead of {total * gib:.3f} GiB for full fine-tuning "
-        f"(saves {(total - trainable) * gib:.3f} GiB, whole model before sharding)"
+        f"state {counts['optimizer_gib_saved']:.3f} GiB smaller than for full fine-tuning (whole model, all ranks)"
     )

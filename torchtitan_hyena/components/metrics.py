@@ -33,8 +33,11 @@ class MetricsProcessor:
         world_size: int,
         device: torch.device,
         total_steps: int,
+        constants: dict[str, Any] | None = None,
     ) -> None:
+        """``constants``: fields every record carries (LoRA: trainable and total parameters)."""
         self.is_writer = is_writer
+        self.constants = dict(constants or {})
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.world_size = world_size
@@ -82,6 +85,7 @@ class MetricsProcessor:
             "memory_gib": memory_gib(self.device),
             "elapsed_s": now - self.start,
             "eta_s": step_time * (self.total_steps - step),
+            **self.constants,
         }
         self.reset_timer(tokens_seen)
         if self.is_writer:

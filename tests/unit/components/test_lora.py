@@ -14,7 +14,7 @@ from torch import nn
 
 from torchtitan_hyena.build import init_lora, meta_model
 from torchtitan_hyena.components.checkpoint import model_state_dict
-from torchtitan_hyena.components.lora import LoRALinear, apply_lora, merge_adapters, parameter_summary
+from torchtitan_hyena.components.lora import LoRALinear, apply_lora, merge_adapters, parameter_counts
 from torchtitan_hyena.components.optimizer import build_optimizers
 from torchtitan_hyena.config.job_config import Lora, Optimizer
 from torchtitan_hyena.errors import ConfigError
@@ -68,7 +68,9 @@ def test_lora_starts_at_the_base_model_trains_only_adapters_and_merges(family):
     changed = {n for n, p in adapted.named_parameters() if not torch.equal(p, before[n])}
     trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
     assert changed == trainable and changed and all(n.rsplit(".", 1)[-1] in ("lora_a", "lora_b") for n in changed)
-    assert "trainable parameters" in parameter_summary(adapted)
+    counts = parameter_counts(adapted)
+    assert counts["trainable_params"] == sum(p.numel() for n, p in adapted.named_parameters() if n in trainable)
+    assert counts["total_params"] == sum(p.numel() for p in base.parameters()) + counts["trainable_params"]
 
     adapted.eval()
     with torch.no_grad():
