@@ -32,7 +32,13 @@ from torchtitan_hyena.components.checkpoint import (
     step_folders,
 )
 from torchtitan_hyena.components.dcp_reader import read_dcp_metadata
-from torchtitan_hyena.components.lora import apply_lora, init_adapters, parameter_counts, parameter_summary
+from torchtitan_hyena.components.lora import (
+    apply_lora,
+    init_adapters,
+    parameter_counts,
+    parameter_summary,
+    refuse_unmerged,
+)
 from torchtitan_hyena.config import JobConfig
 from torchtitan_hyena.config.job_config import Model
 from torchtitan_hyena.distributed.compile import compiles_model
@@ -285,6 +291,7 @@ def load_model(checkpoint: str | Path, device: torch.device, dtype: torch.dtype 
     """The model recorded in ``checkpoint/model_args.json`` with its weights, on one process, in eval mode."""
     path = Path(checkpoint)
     name, _, values = read_model_args(path)
+    refuse_unmerged(path)
     spec = get_train_spec(name)
     model = meta_model(spec, spec.args_cls.from_dict(values, str(path / MODEL_ARGS_FILE)))
     model.to_empty(device=device)

@@ -132,6 +132,10 @@ CASES: dict[str, Case] = {
                                    "does not match its job_config.json"),
     "merge_lora_output_taken": Case("merge_lora", ("--input_dir", "{lora_no_adapters}", "--output_dir", "{w}/o"),
                                     "exists and is not empty", setup=file_at("o/x")),
+    "score_lora_unmerged": Case("score", ("--checkpoint", "{lora_no_adapters}", *SCORE),
+                                "is a LoRA checkpoint (adapters apart from the base weights); merge it first"),
+    "export_llama_lora_unmerged": Case("dcp_to_llama", ("--input_dir", "{lora_no_adapters}", "--output_dir", "{w}/o"),
+                                       "merge it first: python -m torchtitan_hyena.merge_lora"),
     # ---------------------------------------------------------------- output locations (train)
     "dump_folder_is_file": train("--job.dump_folder", "{w}/taken", setup=file_at("taken"),
                                  fragment="job.dump_folder {w}/taken is a file"),

@@ -12,8 +12,10 @@ their base layer through :func:`shard_adapters`), then after initialisation :fun
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +24,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from torchtitan_hyena.errors import ConfigError
+from torchtitan_hyena.errors import ConfigError, UserError
 from torchtitan_hyena.tools.logging import logger
 
 ADAPTER_NAMES = ("lora_a", "lora_b")
@@ -180,3 +182,17 @@ def parameter_summary(counts: dict[str, float]) -> str:
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%); optimizer "
         f"state {counts['optimizer_gib_saved']:.3f} GiB smaller than for full fine-tuning (whole model, all ranks)"
     )
+
+
+def refuse_unmerged(step_dir: str | Path) -> None:
+    """A LoRA run's step folder is not a model (adapters only, or base and adapters apart): tools that need the whole
+    model (score, generate, the exporters) ask for the merge instead of reading a model without its adapters."""
+    try:
+        lora = json.loads((Path(step_dir) / "job_config.json").read_text()).get("lora", {})
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return  # no (readable) record of a LoRA run: a converter output or another tool's checkpoint
+    if isinstance(lora, dict) and lora.get("enable") is True:
+        raise UserError(
+            f"{step_dir} is a LoRA checkpoint (adapters apart from the base weights); merge it first: "
+            f"python -m torchtitan_hyena.merge_lora --input_dir {step_dir} --output_dir MERGED, then use MERGED"
+        )

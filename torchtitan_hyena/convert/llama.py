@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchtitan_hyena.build import model_shapes
 from torchtitan_hyena.components.dcp_reader import load_dcp, read_dcp_metadata, short_reason
+from torchtitan_hyena.components.lora import refuse_unmerged
 from torchtitan_hyena.convert.common import load_torch_file, save_dcp_streaming, with_progress
 from torchtitan_hyena.convert.hub import write_model_card
 from torchtitan_hyena.errors import UserError
@@ -370,6 +371,7 @@ def dcp_to_llama(
     if fmt not in ("hf", "pth"):
         raise UserError(f"--format {fmt!r} is not supported; use hf or pth")
     name, flavor, values = read_model_args(step_dir)
+    refuse_unmerged(step_dir)
     if name != MODEL_NAME:
         raise UserError(
             f"{step_dir} holds a {name!r} model; dcp_to_llama.py exports llama3 checkpoints only "
