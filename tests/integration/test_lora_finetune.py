@@ -30,7 +30,16 @@ from torchtitan_hyena.score import score_sequences
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
-STEPS = ["--training.steps", "4", "--training.global_batch_size", "4", "--optimizer.lr", "1e-3"]
+STEPS = [
+    "--training.steps",
+    "4",
+    "--training.seq_len",
+    "64",
+    "--training.global_batch_size",
+    "4",
+    "--optimizer.lr",
+    "1e-3",
+]
 TARGETS = "wq,wk,wv,wo,wqkv,projections,out_proj,w2"  # the defaults and a rowwise MLP layer
 LORA = ["--lora.enable", "true", "--lora.rank", "4", "--lora.target_modules", TARGETS]
 CKPT = ["--checkpoint.enable", "true", "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "0"]
