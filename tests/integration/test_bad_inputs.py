@@ -25,6 +25,8 @@ import torch
 
 from tests.conftest import REPO, TINY, env
 from tests.helpers import bad_inputs as b
+from tests.helpers.llama_ckpt import read_dcp
+from tests.helpers.torchtitan_ckpt import save_torchtitan_step
 
 pytestmark = pytest.mark.slow
 
@@ -164,6 +166,11 @@ CASES: dict[str, Case] = {
     "resume_truncated_shard": train(*RESUME, setup=resume_from("llama_truncated"), fragment="is damaged"),
     "resume_corrupt_shard": train(*RESUME, setup=resume_from("llama_garbage"), fragment="could not read checkpoint"),
     "resume_other_family": train(*RESUME, setup=resume_from("hyena"), fragment="holds a 'hyena' model"),
+    "resume_torchtitan_no_optimizer": train(SEED, "{titan}", "--checkpoint.initial_load_model_only", "false",
+                                            fragment="with --checkpoint.exclude_from_loading optimizer"),
+    "resume_torchtitan_loader": train(SEED, "{titan}", "--checkpoint.initial_load_model_only", "false",
+                                      "--checkpoint.exclude_from_loading", "optimizer",
+                                      fragment="has no dataloader.windows_consumed"),
     # ---------------------------------------------------------------- several ranks (torchrun's environment)
     "ranks_world_size_vs_mesh": train("--parallelism.data_parallel_shard_degree", "4", ranks=2,
                                       fragment="multiply to 4 (replicate 1 x shard 4 x cp 1 x tp 1) but the world"),
@@ -266,6 +273,11 @@ CASES: dict[str, Case] = {
                                        "could not read checkpoint"),
     "export_llama_args_wrong_type": Case("dcp_to_llama", ("--input_dir", "{llama_args_wrong_type}", "--output_dir",
                                                           "{w}/o"), "dim = 'big' is not a valid int"),
+    "export_llama_no_model_args": Case("dcp_to_llama", ("--input_dir", "{titan}", "--output_dir", "{w}/o"),
+                                       "has no model_args.json (a TorchTitan or gpt-neuro checkpoint)"),
+    "export_llama_foreign_shape": Case("dcp_to_llama", ("--input_dir", "{titan}", "--output_dir", "{w}/o", "--flavor",
+                                                        "debugmodel", "--vocab_size", "512"),
+                                       "tok_embeddings.weight has shape [256, 256] but the model needs [512, 256]"),
     "export_llama_output_read_only": Case("dcp_to_llama", ("--input_dir", "{llama}", "--output_dir",
                                                            f"{READ_ONLY}/o"), "is not writable"),
     # ---------------------------------------------------------------- dcp_to_evo2
@@ -306,6 +318,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     shared = {k: torch.zeros(256, 256) for k in ("tok_embeddings.weight", "output.weight")}
     a["no_layers"] = b.save_model_dcp(root / "no_layers", TINY, {**shared, "norm.weight": torch.ones(256)})
     (a["no_layers"] / "model_args.json").unlink()  # another tool's DCP: only its keys tell what it is
+    a["titan"] = save_torchtitan_step(root / "titan", read_dcp(a["llama"]), step=2)  # TorchTitan's layout, no optimizer
     a["llama_args_wrong_type"] = b.edit_model_args(a["llama"], root / "args_type", dim="big")
     a["llama_args_zero_eps"] = b.edit_model_args(a["llama"], root / "args_eps", norm_eps=0.0)
     a["llama_args_not_json"] = b.edit_model_args(a["llama"], root / "args_json")

@@ -126,7 +126,7 @@ def test_export_refuses_incomplete_or_foreign_checkpoints(converted, tmp_path):
     (foreign / "model_args.json").write_text(json.dumps({**payload, "model_name": "hyena"}))
     with pytest.raises(UserError, match="holds a 'hyena' model"):
         dcp_to_llama(foreign, tmp_path / "o2")
-    with pytest.raises(UserError, match="model_args.json not found"):
+    with pytest.raises(UserError, match="is not a DCP checkpoint"):
         dcp_to_llama(tmp_path, tmp_path / "o3")
     (tmp_path / "o4").mkdir()
     (tmp_path / "o4" / "x").write_text("")

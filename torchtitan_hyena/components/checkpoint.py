@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
@@ -38,7 +39,7 @@ from torchtitan_hyena.tools.logging import logger
 
 COMPLETE_MARKER = ".complete"
 _STEP_RE = re.compile(r"^step-(\d+)$")
-_NON_MODEL = ("optimizer", "lr_scheduler", "dataloader", "train_state")
+NON_MODEL_STATE = ("optimizer", "lr_scheduler", "dataloader", "train_state")
 
 
 def step_folders(folder: Path, complete_only: bool = True) -> dict[int, Path]:
@@ -138,7 +139,7 @@ def load_model_weights(
     for part in model_parts:
         set_model_state_dict(part, loaded, options=StateDictOptions(strict=False))
     model_keys = set(sd)
-    unused = sorted(k for k in meta if k.removeprefix("model.") not in model_keys and not k.startswith(_NON_MODEL))
+    unused = sorted(k for k in meta if k.removeprefix("model.") not in model_keys and not k.startswith(NON_MODEL_STATE))
     return {"missing": missing, "mismatched": mismatched, "unused": unused}
 
 
@@ -147,6 +148,34 @@ _RESUME_FIX = (
     "the step folder is damaged, or its optimizer state belongs to another setup (model, optimizer.name): "
     "use another step, or checkpoint.exclude_from_loading = ['optimizer']"
 )
+# What a restored schedule and an excluded loader mean, said once at load (TorchTitan's checkpoints differ in both).
+_NOTES = {
+    "lr_scheduler": "lr_scheduler: the step count is restored; the LR is this run's [lr_scheduler] formula at it",
+    "dataloader": "dataloader: not restored (checkpoint.exclude_from_loading); the data starts from its beginning",
+}
+
+
+def _load_training_state(stateful: dict[str, Any], names: list[str], path: Path, metadata: Metadata) -> dict:
+    """Restore the ``names`` entries of ``stateful`` from ``path``. A key the checkpoint lacks (another trainer's
+    layout, e.g. TorchTitan's loader state) is one line naming it and the flag that skips that state."""
+    state = {n: stateful[n].state_dict() for n in names}
+    missing = [k for k in flatten_state_dict(state)[0] if k not in metadata.state_dict_metadata]
+    if missing:
+        section = missing[0].split(".")[0]
+        raise UserError(
+            f"checkpoint {path} has no {missing[0]} ({len(missing)} {section} entries missing: another trainer's "
+            f"or version's layout); skip that state with --checkpoint.exclude_from_loading {section}"
+        )
+    load_dcp(state, path, metadata=metadata, fix=_RESUME_FIX)
+    for n in names:
+        stateful[n].load_state_dict(state[n])
+    if "lr_scheduler" in names:
+        logger.info(_NOTES["lr_scheduler"])
+    if "dataloader" not in names:
+        logger.info(_NOTES["dataloader"])
+    return state
+
+
 T = TypeVar("T")
 
 
@@ -229,7 +258,7 @@ class CheckpointManager:
             if step is not None:
                 return self._resume(step, self.folder / f"step-{step}")
         if c.initial_load_path:
-            self._initial_load(Path(c.initial_load_path))
+            return self._initial_load(Path(c.initial_load_path))
         return 0
 
     def _step_to_resume(self) -> tuple[int | None, str | None]:
@@ -260,19 +289,18 @@ class CheckpointManager:
             load_model_weights(self.model_parts, path, metadata=metadata, trainable_only=self.frozen_base)
             return 0
         load_model_weights(self.model_parts, path, metadata=metadata, trainable_only=self.frozen_base)
-        names = [n for n in _NON_MODEL if n not in self.config.exclude_from_loading]
-        state = {n: self.stateful[n].state_dict() for n in names}
-        load_dcp(state, path, metadata=metadata, fix=_RESUME_FIX)
-        for n in names:
-            self.stateful[n].load_state_dict(state[n])
+        names = [n for n in NON_MODEL_STATE if n not in self.config.exclude_from_loading]
+        _load_training_state(self.stateful, names, path, metadata)
         logger.info(f"resumed from {path} in {time.perf_counter() - t0:.1f}s")
         return step
 
-    def _initial_load(self, path: Path, model_only: bool = False) -> None:
+    def _initial_load(self, path: Path, model_only: bool = False) -> int:
         t0 = time.perf_counter()
         check_model_family(path, self.model_info[0])
         metadata = read_dcp_metadata(path)
-        report = load_model_weights(self.model_parts, path, strict_shapes=False, metadata=metadata)
+        continuing = not (model_only or self.config.initial_load_model_only)  # another run's whole state
+        strict = continuing and not self.frozen_base  # continuing: its very model (LoRA: a base without adapters)
+        report = load_model_weights(self.model_parts, path, strict_shapes=strict, metadata=metadata)
         logger.info(f"seeded model weights from {path} in {time.perf_counter() - t0:.1f}s")
         if report["missing"]:
             logger.info(f"kept fresh init (absent from {path}): {', '.join(report['missing'])}")
@@ -280,15 +308,13 @@ class CheckpointManager:
             logger.info(f"kept fresh init (shape differs): {', '.join(report['mismatched'])}")
         if report["unused"]:
             logger.info(f"ignored checkpoint tensors the model does not have: {', '.join(report['unused'])}")
-        if not (model_only or self.config.initial_load_model_only):
-            meta = metadata.state_dict_metadata
-            names = [n for n in _NON_MODEL if any(k.startswith(n) for k in meta)]
-            names = [n for n in names if n not in self.config.exclude_from_loading and n != "train_state"]
-            state = {n: self.stateful[n].state_dict() for n in names}
-            load_dcp(state, path, metadata=metadata, fix=_RESUME_FIX)
-            for n in names:
-                self.stateful[n].load_state_dict(state[n])
-            logger.info(f"also restored {', '.join(names) or 'nothing'} from {path}")
+        if not continuing:
+            return 0
+        # The whole training state, as TorchTitan restores it: this continues another trainer's run (README).
+        names = [n for n in NON_MODEL_STATE if n not in self.config.exclude_from_loading]
+        state = _load_training_state(self.stateful, names, path, metadata)
+        logger.info(f"also restored {', '.join(names) or 'nothing'} from {path}")
+        return int(state["train_state"]["step"]) if "train_state" in state else 0
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, last_step: bool = False, force: bool = False) -> None:

@@ -9,6 +9,7 @@ import signal
 from collections.abc import Iterator
 
 from torchtitan_hyena.convert import hub
+from torchtitan_hyena.convert.foreign import ModelSource
 from torchtitan_hyena.convert.llama import dcp_to_llama, llama_to_dcp
 from torchtitan_hyena.dtypes import DTYPES, WEIGHT_DTYPES
 from torchtitan_hyena.errors import UserError
@@ -79,6 +80,20 @@ def dcp_to_llama_main(argv: list[str] | None = None) -> None:
     p.add_argument("--hf_repo_name", default="", help="Hub repo id (user/name) for --push_to_hub and the model card")
     p.add_argument("--push_to_hub", action="store_true", help="upload the export (token: HF_TOKEN or hf login)")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    g = p.add_argument_group(
+        "folders without model_args.json (TorchTitan, gpt-neuro)",
+        "the model comes from these; what the tensors fix (vocabulary, layers, kv heads) is read from them, and "
+        "every stored shape is checked",
+    )
+    g.add_argument("--config", default="", help="the run's training TOML (TorchTitan v0.2 / gpt-neuro keys)")
+    g.add_argument("--flavor", default="", help="llama3 flavor (e.g. 8B); overrides the TOML's model.flavor")
+    g.add_argument("--vocab_size", type=int, default=0, help="vocabulary size (default: the TOML's, else the tensors')")
+    g.add_argument(
+        "--rope_scaling",
+        choices=("none", "llama3"),
+        default="",
+        help="RoPE of the run (default none, as gpt-neuro; TorchTitan >= 0.2 trains Llama 3 with llama3)",
+    )
     a = p.parse_args(argv)
     init_logger()
     check_output_dir(a.output_dir, a.overwrite)
@@ -95,6 +110,7 @@ def dcp_to_llama_main(argv: list[str] | None = None) -> None:
             dtype=DTYPES.get(a.dtype),
             overwrite=a.overwrite,
             repo_name=a.hf_repo_name,
+            source=ModelSource(a.config, a.flavor, a.vocab_size, a.rope_scaling),
         )
     if token is not None:
         url = hub.push_folder(out, a.hf_repo_name, token, private=a.private)

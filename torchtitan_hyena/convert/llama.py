@@ -29,8 +29,10 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchtitan_hyena.build import model_shapes
+from torchtitan_hyena.components.checkpoint import NON_MODEL_STATE
 from torchtitan_hyena.components.dcp_reader import load_dcp, read_dcp_metadata, short_reason
 from torchtitan_hyena.components.lora import refuse_unmerged
+from torchtitan_hyena.convert import foreign
 from torchtitan_hyena.convert.common import load_torch_file, save_dcp_streaming, with_progress
 from torchtitan_hyena.convert.hub import write_model_card
 from torchtitan_hyena.errors import UserError
@@ -291,25 +293,26 @@ class _Stored:
     dtype: torch.dtype
 
 
-def _locate_model_tensors(step_dir: Path, args: Llama3Args) -> dict[str, _Stored]:
-    """Where each model tensor sits in the DCP, from its metadata: optimizer and loader state are never read."""
+def _stored_model_tensors(step_dir: Path) -> dict[str, _Stored]:
+    """Where each model tensor sits in the DCP, by our name, from its metadata: optimizer and loader state are never
+    read. Keys are plain FQNs or ``model.``-prefixed (DCPs written as ``{"model": sd}``)."""
     meta = read_dcp_metadata(step_dir).state_dict_metadata
-    expected = expected_shapes(args)
     found = {}
-    for key in expected:
-        ckpt_key = key if key in meta else f"model.{key}"
-        info = meta.get(ckpt_key)
-        if isinstance(info, TensorStorageMetadata):
-            found[key] = _Stored(ckpt_key, tuple(info.size), info.properties.dtype)
+    for ckpt_key, info in meta.items():
+        if isinstance(info, TensorStorageMetadata) and not ckpt_key.startswith(NON_MODEL_STATE):
+            found[ckpt_key.removeprefix("model.")] = _Stored(ckpt_key, tuple(info.size), info.properties.dtype)
+    return found
+
+
+def _check_model_tensors(step_dir: Path, found: dict[str, _Stored], args: Llama3Args, fix: str) -> None:
+    """Every tensor of the model described by ``args`` is stored, with its shape."""
     no_embeddings = sorted(set(EMBEDDING_KEYS) - set(found))
     if no_embeddings:
         raise UserError(
             f"{step_dir} has no {' / '.join(no_embeddings)}: it was converted without "
             "--keep_embeddings, and an exported Llama needs them; export a trained checkpoint instead"
         )
-    fix = "is model_args.json from the same run?"
     _check_tensor_set({k: s.shape for k, s in found.items()}, args, str(step_dir), fix)
-    return found
 
 
 def _load_tensors(step_dir: Path, stored: dict[str, _Stored], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -360,25 +363,39 @@ def dcp_to_llama(
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     repo_name: str = "",
+    source: foreign.ModelSource | None = None,
 ) -> Path:
     """Export the model weights of a DCP step folder (training checkpoint or converter output).
 
     ``fmt="pth"`` writes Meta's layout (``consolidated.00.pth`` + ``params.json``; the whole model
     is held in memory); ``fmt="hf"`` a transformers ``LlamaForCausalLM`` folder, loaded shard by shard.
-    Model args come from ``model_args.json``; ``dtype`` None keeps the stored precision.
+    Model args come from ``model_args.json``, or, in folders without one (TorchTitan, gpt-neuro), from ``source``
+    (see ``convert/foreign.py``); ``dtype`` None keeps the stored precision.
     """
     step_dir = Path(step_dir)
+    source = source or foreign.ModelSource()
     if fmt not in ("hf", "pth"):
         raise UserError(f"--format {fmt!r} is not supported; use hf or pth")
-    name, flavor, values = read_model_args(step_dir)
-    refuse_unmerged(step_dir)
-    if name != MODEL_NAME:
-        raise UserError(
-            f"{step_dir} holds a {name!r} model; dcp_to_llama.py exports llama3 checkpoints only "
-            "(hyena: dcp_to_evo2.py)"
-        )
-    args = Llama3Args.from_dict(values, str(step_dir / MODEL_ARGS_FILE))
-    stored = _locate_model_tensors(step_dir, args)
+    if (step_dir / MODEL_ARGS_FILE).is_file():
+        if source.given():
+            raise UserError(
+                f"{step_dir} records its model in {MODEL_ARGS_FILE}; --config/--flavor/--vocab_size/--rope_scaling "
+                "describe folders without one (TorchTitan, gpt-neuro): drop them"
+            )
+        name, flavor, values = read_model_args(step_dir)
+        refuse_unmerged(step_dir)
+        if name != MODEL_NAME:
+            raise UserError(
+                f"{step_dir} holds a {name!r} model; dcp_to_llama.py exports llama3 checkpoints only "
+                "(hyena: dcp_to_evo2.py)"
+            )
+        args = Llama3Args.from_dict(values, str(step_dir / MODEL_ARGS_FILE))
+        stored, fix = _stored_model_tensors(step_dir), "is model_args.json from the same run?"
+    else:
+        stored = _stored_model_tensors(step_dir)
+        flavor, args = foreign.describe(source, {k: s.shape for k, s in stored.items()}, str(step_dir))
+        fix = "check --config / --flavor / --vocab_size: they must describe the run that wrote it"
+    _check_model_tensors(step_dir, stored, args, fix)
     if dtype is None:
         dtypes = {s.dtype for s in stored.values()}
         if len(dtypes) > 1:
