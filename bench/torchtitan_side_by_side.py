@@ -186,7 +186,7 @@ def make_venv(folder: Path, torch_version: str, torch_index: str) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
     pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     print(f"installing torch=={torch_version} (CPU) and {TORCHTITAN} into {folder} ...", flush=True)
-    subprocess.run([*pip, f"torch=={torch_version}", "--extra-index-url", torch_index], check=True)
+    subprocess.run([*pip, "--no-deps", f"torch=={torch_version}", "--extra-index-url", torch_index], check=True)
     subprocess.run([*pip, TORCHTITAN, "triton", f"torch=={torch_version}"], check=True)  # triton: its MoE imports it
     return python
 

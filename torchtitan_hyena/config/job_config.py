@@ -169,7 +169,9 @@ class Checkpoint:
     keep_latest_k: int = opt(10, "keep only the newest K complete checkpoints; 0 keeps all")
     async_mode: str = opt("disabled", "save in the background", ("disabled", "async", "async_with_pinned_mem"))
     initial_load_path: str = opt("", "DCP folder to seed from when the run has no checkpoint yet")
-    initial_load_model_only: bool = opt(True, "seed only the model weights from initial_load_path")
+    initial_load_model_only: bool = opt(
+        True, "seed only the model weights from initial_load_path; false: its whole training state (continue a run)"
+    )
     last_save_model_only: bool = opt(False, "the final checkpoint holds model weights only")
     export_dtype: str = opt("float32", "dtype of a model-only final checkpoint", ("float32", "bfloat16", "float16"))
     load_step: int = opt(-1, "resume from this step instead of the latest")
