@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {a.threads} thread(s)",
-        "command": "python bench/torchtitan_side_by_side.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": shlex.join(["python", "bench/torchtitan_side_by_side.py", *(argv or sys.argv[1:])]),
         "torch": torch.__version__,
         "torchtitan": TORCHTITAN,
         "shape": {**SHAPE, "seq_len": a.seq_len, "batch": a.batch},
