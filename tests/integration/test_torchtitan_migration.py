@@ -84,7 +84,7 @@ def test_resume_a_torchtitan_run(runs, tmp_path):
     """Model, optimizer, schedule step and train state carry over; the loader restarts, as excluded."""
     seed = ["--checkpoint.initial_load_path", str(runs["titan"]), "--checkpoint.initial_load_model_only", "false"]
     base = [*TINY, "--training.steps", "4", "--checkpoint.enable", "true", "--checkpoint.interval", "100"]
-    # Without --checkpoint.exclude_from_loading dataloader: one line (tests/test_bad_inputs.py, resume_torchtitan_*).
+    # Without --checkpoint.exclude_from_loading dataloader: one line (test_bad_inputs.py, resume_torchtitan_*).
     proc = run_cli([*base, "--job.dump_folder", str(tmp_path / "cont"), *seed,
                     "--checkpoint.exclude_from_loading", "dataloader"])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
