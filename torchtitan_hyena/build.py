@@ -4,7 +4,8 @@
     -> validate: the model family exists, then the layout and device, then the family's own checks, then the
        run's files (output folders writable, the checkpoint to seed from of this family and safe to read)
     -> process group (joined only once the job is valid), device mesh, warm-up of every mesh group
-    -> context parallelism (built once) -> meta model -> float8 -> the family's parallelize plan -> init (or load)
+    -> context parallelism (built once) -> meta model -> float8 -> pipeline stages (when pipeline parallel)
+    -> the family's parallelize plan (per stage) -> init (or load)
 
 The trainer, ``evaluate`` and the dry run call :func:`setup` then :func:`build_model`; ``--check`` calls
 :func:`validate` alone; scoring, generation and the converters rebuild a model from a checkpoint's
@@ -46,6 +47,15 @@ from torchtitan_hyena.distributed.context_parallel import ContextParallel, build
 from torchtitan_hyena.distributed.float8 import Accelerator, convert_to_float8, describe_accelerator, validate_float8
 from torchtitan_hyena.distributed.parallel_dims import ParallelDims
 from torchtitan_hyena.distributed.parallelize import parallelize, validate_parallelism
+from torchtitan_hyena.distributed.pipeline_parallel import (
+    Pipeline,
+    head_cost,
+    split_stage,
+    stage_ids,
+    stage_ranges,
+    tied_group,
+    validate_pipeline,
+)
 from torchtitan_hyena.distributed.tensor_parallel import maybe_loss_parallel
 from torchtitan_hyena.distributed.utils import init_distributed, local_device
 from torchtitan_hyena.distributed.warmup import warm_up
@@ -157,6 +167,11 @@ class Setup:
         mesh = self.parallel_dims.get_mesh("dp_cp")
         return None if mesh is None else mesh.get_group()
 
+    def pp_group(self) -> dist.ProcessGroup | None:
+        """The pipeline ranks of this rank's stage chain (None without pipeline parallelism)."""
+        mesh = self.parallel_dims.get_mesh("pp")
+        return None if mesh is None else mesh.get_group()
+
     def loss_parallel(self) -> contextlib.AbstractContextManager:
         """Loss parallel (vocab-sharded logits) around forward, loss and backward when enabled (TP only)."""
         return maybe_loss_parallel(self.config.parallelism.enable_loss_parallel)
@@ -165,14 +180,16 @@ class Setup:
         """Under context parallelism, this rank's tokens of the batch and their global ``positions``."""
         return batch if self.cp is None else self.cp.shard_batch(batch)
 
-    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits of a prepared batch, under autocast when no FSDP wrapper casts (one rank, TP only)."""
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to the mixed-precision dtype when no FSDP wrapper casts (one rank, TP/PP only)."""
         dtype = self.config.training.mixed_precision_param
         if self.parallel_dims.fsdp_mesh() is not None or dtype == "float32":
-            amp = contextlib.nullcontext()
-        else:
-            amp = torch.autocast(self.device.type, dtype=DTYPES[dtype])
-        with amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[dtype])
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of a prepared batch (see :meth:`autocast`)."""
+        with self.autocast():
             return model(batch["input"], batch.get("positions"))
 
 
@@ -186,6 +203,9 @@ def validate(
     spec = get_train_spec(job_config.model.name)
     validate_layout(job_config, parallel_dims, accelerator)
     model_args = model_args_from_config(spec, job_config)
+    t = job_config.training
+    n_layers = len(model_args.layer_flops(t.seq_len))
+    validate_pipeline(job_config.parallelism, n_layers, t.local_batch_size, job_config.validation.enable)
     if spec.validate_fn is not None:
         spec.validate_fn(model_args, parallel_dims, job_config)
     if files:
@@ -246,9 +266,17 @@ def build_dataloader(s: Setup, tokenizer: Any, *, validation: bool = False) -> A
 
 # ---------------------------------------------------------------------------------------------- models
 class BuiltModel(NamedTuple):
-    model: nn.Module
+    model_parts: list[nn.Module]  # the whole model, or this rank's pipeline stages
     nparams: int  # whole model, before sharding
     flops_per_token: float  # training FLOPs per token, for MFU
+    pipeline: Pipeline | None  # the stages' schedule (pipeline parallel, materialized models only)
+
+    @property
+    def model(self) -> nn.Module:
+        """The model of a run without pipeline parallelism."""
+        if len(self.model_parts) != 1 or self.pipeline is not None:
+            raise ConfigError("this tool runs whole models; set parallelism.pipeline_parallel_degree 1")
+        return self.model_parts[0]
 
 
 def meta_model(spec: TrainSpec, args: BaseModelArgs) -> nn.Module:
@@ -257,24 +285,40 @@ def meta_model(spec: TrainSpec, args: BaseModelArgs) -> nn.Module:
 
 
 def build_model(s: Setup, *, materialize: bool = True) -> BuiltModel:
-    """Meta model -> float8 or LoRA -> the family's parallelize plan -> (``materialize``) allocate and initialize."""
-    c, t = s.config, s.config.training
+    """Meta model -> float8 or LoRA -> pipeline stages -> the family's parallelize plan -> (``materialize``) allocate
+    and initialize (every stage draws its tensors as the whole model would, by name)."""
+    c, t, pd = s.config, s.config.training, s.parallel_dims
     model = meta_model(s.spec, s.model_args)
     if c.float8.enable:  # module swaps happen on the meta model, before parallelization
-        convert_to_float8(model, c.float8, tp_degree=s.parallel_dims.tp, compiled=compiles_model(c.compile))
+        convert_to_float8(model, c.float8, tp_degree=pd.tp, compiled=compiles_model(c.compile))
     nparams, flops = s.model_args.get_nparams_and_flops(model, t.seq_len)
     logger.info(f"{c.model.name} {c.model.flavor}: {nparams:,} parameters, {flops:.3e} training FLOPs per token")
     if c.lora.enable:
         apply_lora(model, c.lora)
         logger.info(parameter_summary(parameter_counts(model)))
-    model = parallelize(model, s.parallel_dims, c, s.cp, s.spec.parallelize_plan)
+    parts, stages, ranges = [model], [0], [(0, len(model.layers))]
+    plan = s.spec.parallelize_plan.pipeline
+    if pd.pp_enabled:
+        ranges = stage_ranges(c.parallelism, s.model_args.layer_flops(t.seq_len), head_cost(model, plan))
+        stages = stage_ids(pd.get_mesh("pp").get_local_rank(), pd.pp, len(ranges))
+        parts = [split_stage(model, plan, ranges, i) for i in stages]
+        logger.info(f"pipeline stages (blocks [start, stop)): {ranges}; this rank runs stage(s) {stages}")
+    parts = [parallelize(part, pd, c, s.cp, s.spec.parallelize_plan) for part in parts]
+    pipeline = None
     if materialize:
-        model.to_empty(device=torch.device("cpu") if t.enable_cpu_offload else s.device)
-        with torch.no_grad():
-            model.init_weights(buffer_device=s.device if t.enable_cpu_offload else None, seed=t.seed)
-            init_lora(model, t.seed)
-        model.train()
-    return BuiltModel(model, nparams, flops)
+        for part in parts:
+            part.to_empty(device=torch.device("cpu") if t.enable_cpu_offload else s.device)
+            with torch.no_grad():
+                part.init_weights(buffer_device=s.device if t.enable_cpu_offload else None, seed=t.seed)
+                init_lora(part, t.seed)
+            part.train()
+        if pd.pp_enabled:
+            tied = plan.tied(model)
+            group = tied_group(pd.world_mesh, pd.pp) if tied else None
+            pipeline = Pipeline(
+                parts, stages, len(ranges), tied, c.parallelism, t.local_batch_size, s.pp_group(), group, s.device
+            )
+    return BuiltModel(parts, nparams, flops, pipeline)
 
 
 def init_lora(model: nn.Module, seed: int) -> None:

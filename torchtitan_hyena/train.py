@@ -79,8 +79,9 @@ class Trainer:
                 prepare_batch=s.prepare_batch,
             )
 
-        model, self.nparams, self.flops_per_token = build.build_model(s)
-        self.model_parts = [model]
+        built = build.build_model(s)
+        self.model_parts, self.pipeline = built.model_parts, built.pipeline
+        self.nparams, self.flops_per_token = built.nparams, built.flops_per_token
         self.optimizers = s.spec.build_optimizers_fn(self.model_parts, c.optimizer)
         self.lr_schedulers = s.spec.build_lr_schedulers_fn(self.optimizers, c.lr_scheduler, t.steps)
         self.loss_fn = s.spec.build_loss_fn(c)
@@ -126,16 +127,22 @@ class Trainer:
         """One optimizer step over this rank's microbatches. Returns (global loss, grad norm, tokens).
 
         The loss is a sum over tokens divided by the token count of the whole global batch, so the
-        gradient is the same however the batch is split over ranks and accumulation steps.
+        gradient is the same however the batch is split over ranks and accumulation steps. Under pipeline
+        parallelism the schedule runs forward and backward; the loss exists on the last stage and is summed over
+        the pipeline ranks for logging.
         """
         self.optimizers.zero_grad()
         microbatches = [self.setup.prepare_batch(mb) for mb in microbatches]
         local_tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in microbatches)
         global_tokens = dist_sum(local_tokens.to(torch.float64), self.setup.loss_group())
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        model = self.model_parts[0]
+        model, pipeline = self.model_parts[0], self.pipeline
         for mb in microbatches:
             with self.setup.loss_parallel():
+                if pipeline is not None:
+                    with self.setup.autocast():
+                        loss_sum += pipeline.step(mb, self.loss_fn, global_tokens.to(torch.float32))
+                    continue
                 logits = self.forward(model, mb)
                 loss = self.loss_fn(logits, mb["labels"], mb.get("loss_weights")) / global_tokens.to(torch.float32)
                 del logits
@@ -143,7 +150,13 @@ class Trainer:
             loss_sum += loss.detach().to(torch.float64)
         loss = dist_sum(loss_sum, self.setup.loss_group())
         params = [p for m in self.model_parts for p in m.parameters()]
-        grad_norm = clip_grad_norm_(params, self.job_config.training.max_norm)
+        if pipeline is not None:
+            loss = dist_sum(loss, self.setup.pp_group())
+            pipeline.sync_tied_grads()
+            norm_kwargs = dict(stages=self.setup.parallel_dims.pp, counted_elsewhere=pipeline.counted_elsewhere())
+        else:
+            norm_kwargs = {}
+        grad_norm = clip_grad_norm_(params, self.job_config.training.max_norm, **norm_kwargs)
         self.last_lr = self.lr_schedulers.get_last_lr()
         if self.nonfinite.should_skip(self.state.step, loss, grad_norm):
             self.optimizers.zero_grad()  # the schedule still advances: lr stays a function of the step

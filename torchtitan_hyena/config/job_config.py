@@ -159,6 +159,15 @@ class Parallelism:
     fsdp_reshard_after_forward: str = opt(
         "default", "free gathered params after forward", ("default", "always", "never")
     )
+    pipeline_parallel_degree: int = opt(1, "pipeline stages' rank groups (layers split into consecutive stages)")
+    pipeline_parallel_schedule: str = opt(
+        "1F1B", "torch.distributed.pipelining schedule", ("GPipe", "1F1B", "Interleaved1F1B")
+    )
+    pipeline_parallel_microbatch_size: int = opt(1, "sequences per pipeline microbatch (divides local_batch_size)")
+    pipeline_parallel_split_points: list[str] = opt(
+        [], "first module of each stage after the first, e.g. ['layers.4']; empty: balanced by FLOPs"
+    )
+    pipeline_parallel_layers_per_stage: int = opt(-1, "layers per stage (the last may hold fewer); -1: balanced")
 
 
 @dataclass

@@ -149,6 +149,8 @@ def validate(config: JobConfig) -> None:
         "parallelism.data_parallel_replicate_degree": c.parallelism.data_parallel_replicate_degree,
         "parallelism.tensor_parallel_degree": c.parallelism.tensor_parallel_degree,
         "parallelism.context_parallel_degree": c.parallelism.context_parallel_degree,
+        "parallelism.pipeline_parallel_degree": c.parallelism.pipeline_parallel_degree,
+        "parallelism.pipeline_parallel_microbatch_size": c.parallelism.pipeline_parallel_microbatch_size,
         "comm.init_timeout_seconds": c.comm.init_timeout_seconds,
         "comm.train_timeout_seconds": c.comm.train_timeout_seconds,
         "comm.warmup_timeout_seconds": c.comm.warmup_timeout_seconds,

@@ -1,6 +1,7 @@
 """ParallelDims: degrees of each parallelism, validation, and the device mesh.
 
-Mesh dimensions, outermost first: ``dp_replicate, dp_shard, cp, tp`` (only those > 1 are built).
+Mesh dimensions, outermost first: ``pp, dp_replicate, dp_shard, cp, tp`` (only those > 1 are built; pipeline
+stages outermost, as TorchTitan: their point-to-point traffic is the lightest, so it may cross nodes).
 Flattened views: ``dp`` (data loading: replicate x shard), ``dp_shard_cp`` (FSDP parameter
 sharding: shard x cp, as TorchTitan folds CP into FSDP) and ``dp_cp`` (loss averaging). The flattened
 meshes are kept as ``_flatten`` returns them: slicing a flattened name from the root mesh is deprecated.
@@ -24,6 +25,7 @@ class ParallelDims:
     cp: int
     tp: int
     world_size: int
+    pp: int = 1
     _mesh: DeviceMesh | None = field(default=None, repr=False)
     _flat: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
 
@@ -37,6 +39,7 @@ class ParallelDims:
             cp=p.context_parallel_degree,
             tp=p.tensor_parallel_degree,
             world_size=world_size,
+            pp=p.pipeline_parallel_degree,
         )
 
     def __post_init__(self) -> None:
@@ -47,30 +50,39 @@ class ParallelDims:
             ("data_parallel_replicate_degree", self.dp_replicate),
             ("context_parallel_degree", self.cp),
             ("tensor_parallel_degree", self.tp),
+            ("pipeline_parallel_degree", self.pp),
         ):
             if value < 1:
                 raise ConfigError(f"parallelism.{name} must be >= 1, got {value}")
         if self.dp_shard == -1:
-            rest = self.dp_replicate * self.cp * self.tp
+            rest = self.pp * self.dp_replicate * self.cp * self.tp
             if self.world_size % rest:
                 raise ConfigError(
-                    f"world size {self.world_size} is not divisible by data_parallel_replicate_degree x "
-                    f"context_parallel_degree x tensor_parallel_degree = {rest}; adjust the degrees or the rank count"
+                    f"world size {self.world_size} is not divisible by pipeline_parallel_degree x "
+                    f"data_parallel_replicate_degree x context_parallel_degree x tensor_parallel_degree = {rest}; "
+                    "adjust the degrees or the rank count"
                 )
             self.dp_shard = self.world_size // rest
         if self.dp_shard < 1:
             raise ConfigError(f"parallelism.data_parallel_shard_degree must be -1 or >= 1, got {self.dp_shard}")
-        product = self.dp_replicate * self.dp_shard * self.cp * self.tp
+        product = self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
         if product != self.world_size:
             raise ConfigError(
-                f"parallel degrees multiply to {product} (replicate {self.dp_replicate} x shard {self.dp_shard} x "
-                f"cp {self.cp} x tp {self.tp}) but the world size is {self.world_size}; they must be equal"
+                f"parallel degrees multiply to {product} (pp {self.pp} x replicate {self.dp_replicate} x shard "
+                f"{self.dp_shard} x cp {self.cp} x tp {self.tp}) but the world size is {self.world_size}; they must "
+                "be equal"
             )
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         # dp_shard stays in the mesh next to dp_replicate even at size 1: HSDP with one shard is how
         # pure replication runs (FSDP2 all-reduces over the replicate dimension).
-        degrees = (("dp_replicate", self.dp_replicate), ("dp_shard", self.dp_shard), ("cp", self.cp), ("tp", self.tp))
+        degrees = (
+            ("pp", self.pp),
+            ("dp_replicate", self.dp_replicate),
+            ("dp_shard", self.dp_shard),
+            ("cp", self.cp),
+            ("tp", self.tp),
+        )
         dims = [(n, d) for n, d in degrees if d > 1 or (n == "dp_shard" and self.dp_replicate > 1)]
         if not dims:
             dims = [("dp_shard", 1)]
@@ -151,6 +163,10 @@ class ParallelDims:
     @property
     def tp_enabled(self) -> bool:
         return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
 
     @property
     def cp_enabled(self) -> bool:

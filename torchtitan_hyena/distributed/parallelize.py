@@ -22,6 +22,7 @@ from torchtitan_hyena.distributed.context_parallel import ContextParallel
 from torchtitan_hyena.distributed.float8 import is_tensorwise
 from torchtitan_hyena.distributed.fsdp import apply_fsdp
 from torchtitan_hyena.distributed.parallel_dims import ParallelDims
+from torchtitan_hyena.distributed.pipeline_parallel import PipelinePlan
 from torchtitan_hyena.distributed.tensor_parallel import maybe_enable_async_tp
 from torchtitan_hyena.errors import ConfigError
 
@@ -52,12 +53,15 @@ class ParallelizePlan:
     """The model-specific part of parallelization.
 
     ``apply_tp(model, tp_mesh, options)`` shards the model's modules over ``tp_mesh``; ``apply_cp(model, cp)``
-    makes the sequence-mixing modules work on context-parallel shards; ``fsdp_units(model)`` names the units.
+    makes the sequence-mixing modules work on context-parallel shards; ``fsdp_units(model)`` names the units;
+    ``pipeline`` says what each pipeline stage holds. Under pipeline parallelism each function gets one stage: a
+    copy of the model whose other stages' modules are None (``distributed/pipeline_parallel.py``).
     """
 
     apply_tp: Callable[[nn.Module, DeviceMesh, TPOptions], None]
     apply_cp: Callable[[nn.Module, ContextParallel], None]
     fsdp_units: Callable[[nn.Module], FSDPUnits]
+    pipeline: PipelinePlan = PipelinePlan()
 
 
 def validate_parallelism(job_config: JobConfig, parallel_dims: ParallelDims) -> None:
@@ -128,14 +132,17 @@ def apply_ac_compile_fsdp(
     if mesh is None:
         return
     t = job_config.training
+    reshard = job_config.parallelism.fsdp_reshard_after_forward
+    if reshard == "default" and parallel_dims.pp_enabled:
+        reshard = "never"  # TorchTitan's default under PP: no re-gather of every unit for each microbatch
     apply_fsdp(
         model,
         mesh,
         param_dtype=t.mixed_precision_param,
         reduce_dtype=t.mixed_precision_reduce,
-        reshard_after_forward=job_config.parallelism.fsdp_reshard_after_forward,
+        reshard_after_forward=reshard,
         cpu_offload=t.enable_cpu_offload,
-        units=[*units.first, *layers.values()],
+        units=[u for u in (*units.first, *layers.values()) if u is not None],
         last_unit=units.last,
         fp32_units=units.fp32,
     )

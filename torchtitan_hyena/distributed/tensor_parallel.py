@@ -184,3 +184,8 @@ def maybe_enable_async_tp(enabled: bool, compiled: bool, tp_mesh: DeviceMesh) ->
 def maybe_loss_parallel(enabled: bool) -> contextlib.AbstractContextManager:
     """Context for forward, loss and backward: cross entropy on vocab-sharded DTensor logits."""
     return loss_parallel_context() if enabled else contextlib.nullcontext()
+
+
+def present(model: nn.Module, plan: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
+    """The entries of a top-level plan whose module this model holds (a pipeline stage lacks some)."""
+    return {name: style for name, style in plan.items() if getattr(model, name, None) is not None}

@@ -91,7 +91,8 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 
 def _square_share(grads: list[torch.Tensor], world_size: int) -> torch.Tensor:
     """This rank's share of the squared norm of ``grads`` (one mesh and placement), such that summing the
-    shares over all ranks gives the squared norm of the full gradients.
+    shares over the ``world_size`` ranks that hold these parameters (one pipeline stage's ranks) gives the squared
+    norm of the full gradients.
 
     Shards add up; a replicated dimension, and every rank outside the mesh, holds copies, each counting
     ``1 / copies``. Partial gradients are reduced first (DTensor), after which every rank holds the norm.
@@ -112,23 +113,41 @@ def _square_share(grads: list[torch.Tensor], world_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(
+    parameters: list[torch.nn.Parameter],
+    max_norm: float,
+    *,
+    stages: int = 1,
+    counted_elsewhere: frozenset[int] = frozenset(),
+) -> torch.Tensor:
     """Total gradient norm over all ranks (FSDP, TP and CP shards included); clip when max_norm > 0.
 
     Gradients may live on different meshes (e.g. FSDP-only norms next to FSDP x TP matrices), which
     ``torch.nn.utils.clip_grad_norm_`` cannot combine. Each group's local sum of squares becomes a share
     of the global one and a single all-reduce over the world adds them up (DTensor would all-reduce once
     per group and sharded mesh dimension).
+
+    Under pipeline parallelism (``stages`` > 1) each stage's ranks hold other parameters: shares are counted per
+    stage and the world sum adds the stages. ``counted_elsewhere``: ids of parameters whose gradient another stage
+    holds too and counts (a tied embedding on the last stage); they are clipped, not counted.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
     groups: dict[object, list[torch.Tensor]] = {}
-    for g in grads:
+    counted: dict[object, list[torch.Tensor]] = {}
+    for p in parameters:
+        g = p.grad
+        if g is None:
+            continue
         key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
         groups.setdefault(key, []).append(g)
+        if id(p) not in counted_elsewhere:
+            counted.setdefault(key, []).append(g)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    shares = torch.stack([_square_share(group, world_size) for group in groups.values()])
+    per_stage = world_size // stages
+    shares = [_square_share(group, per_stage) for group in counted.values()]
+    shares = torch.stack(shares) if shares else torch.zeros(1, device=grads[0].device)
     total = dist_sum(shares.sum(), dist.group.WORLD if world_size > 1 else None).sqrt()
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)

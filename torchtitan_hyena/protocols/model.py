@@ -50,6 +50,10 @@ class BaseModelArgs:
         """(parameter count, training FLOPs per token) for MFU."""
         raise NotImplementedError(f"{type(self).__name__} must define its FLOP count")
 
+    def layer_flops(self, seq_len: int) -> list[float]:
+        """Training FLOPs per token of each block, in order (pipeline stages are balanced by them)."""
+        raise NotImplementedError(f"{type(self).__name__} must define its per-block FLOP count")
+
     def validate(self) -> None:
         """Reject impossible values with a :class:`ConfigError` naming the field (families extend it). Runs as the
         args are built: a flavor, ``with_config``, ``from_dict``, a converter's reading of another format."""

@@ -229,7 +229,8 @@ def dry_run(config: JobConfig, world_size: int | None = None, device: str = "mi2
     try:
         s = build.setup(c, target=target_accelerator(device))
         pd, args = s.parallel_dims, s.model_args
-        model, nparams, _ = build.build_model(s, materialize=False)
+        parts, nparams, _, _ = build.build_model(s, materialize=False)
+        model = parts[0]
 
         param_bytes = sum(_local_bytes(q) for q in model.parameters())
         trained_bytes = sum(_local_bytes(q) for q in model.parameters() if q.requires_grad)  # all but LoRA's base

@@ -2,7 +2,7 @@
 
     python -m torchtitan_hyena.tools.world_size --job.config_file X.toml [--section.key value ...]
 
-prints ``replicate x shard x cp x tp``. The SLURM scripts divide it by the GPUs per node to get
+prints ``pp x replicate x shard x cp x tp``. The SLURM scripts divide it by the GPUs per node to get
 ``--nodes``, so the allocation always matches the mesh. It imports no torch (it runs at submission
 on a login node, once per script).
 """
@@ -24,7 +24,8 @@ def required_world_size(config: JobConfig) -> int:
             "does not fix the number of ranks; set it explicitly to launch on a fixed allocation"
         )
     return (
-        p.data_parallel_replicate_degree
+        p.pipeline_parallel_degree
+        * p.data_parallel_replicate_degree
         * p.data_parallel_shard_degree
         * p.context_parallel_degree
         * p.tensor_parallel_degree

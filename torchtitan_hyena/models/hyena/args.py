@@ -182,18 +182,23 @@ class HyenaArgs(RopeScalingArgs, BaseModelArgs):
         """Parameters and training FLOPs per token from the Evo 2 model (savanna ``mfu.py``, bionemo):
         3x the forward terms (backward = 2x forward); attention is not halved for causality."""
         nparams = sum(p.numel() for p in model.parameters())
+        return nparams, 3.0 * 2 * self.dim * self.vocab_size + sum(self.layer_flops(seq_len))  # + logits
+
+    def layer_flops(self, seq_len: int) -> list[float]:
+        """Training FLOPs per token of each block (3x forward), by kind: see :meth:`get_nparams_and_flops`."""
         d, f = self.dim, self.ffn_hidden_dim
-        forward = 2 * d * self.vocab_size  # logits
+        out = []
         for kind in self.layout:
-            forward += 2 * 3 * d * d + 2 * d * d + 2 * 3 * f * d  # in/out projections, GLU
+            forward = 2 * 3 * d * d + 2 * d * d + 2 * 3 * f * d  # in/out projections, GLU
             if kind == "*":
                 forward += 4 * d * seq_len  # QK^T and AV: 4 B D L^2 per sequence
-                continue
-            forward += 2 * 3 * 3 * d  # length-3 featurizer on 3D channels
-            if kind == "S":
-                forward += 2 * self.se_filter_len * d
-            elif kind == "D":
-                forward += 2 * self.mr_filter_len * d
             else:
-                forward += 10 * math.log2(max(seq_len, 2)) * d  # FFT conv
-        return nparams, float(3 * forward)
+                forward += 2 * 3 * 3 * d  # length-3 featurizer on 3D channels
+                if kind == "S":
+                    forward += 2 * self.se_filter_len * d
+                elif kind == "D":
+                    forward += 2 * self.mr_filter_len * d
+                else:
+                    forward += 10 * math.log2(max(seq_len, 2)) * d  # FFT conv
+            out.append(3.0 * forward)
+        return out

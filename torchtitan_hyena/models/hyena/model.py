@@ -57,7 +57,8 @@ class HyenaBlock(nn.Module):
 class StripedHyena(nn.Module):
     """``forward(tokens, positions=None) -> logits``; positions (default 0..L-1) only feed RoPE.
 
-    With ``tie_embeddings`` there is no output module: logits are ``x @ tok_embeddings.weight.T``.
+    With ``tie_embeddings`` there is no output module: logits are ``x @ tok_embeddings.weight.T`` (a pipeline's
+    last stage holds its own copy of the embedding for that).
     With a :class:`DecodeCache` (generation) the cache gives the positions and the logits are (B, 1, V),
     those of each row's last valid token: prefill on the first call, one-token steps after it.
     """
@@ -82,7 +83,11 @@ class StripedHyena(nn.Module):
         positions = forward_positions(tokens, positions, cache)
         # Linear position interpolation (Evo 2 1M/262k checkpoints): position t becomes t / factor.
         cos, sin = rope_tables(self.rope_inv_freq, positions.float() / self.args.rope_pi_factor)
-        h = run_blocks(self.layers, self.tok_embeddings(tokens), cos, sin, cache)
+        # A pipeline stage after the first takes hidden states; one before the last returns them (no norm).
+        h = tokens if tokens.is_floating_point() else self.tok_embeddings(tokens)
+        h = run_blocks(self.layers, h, cos, sin, cache)
+        if self.norm is None:
+            return h
         h = self.norm(h)
         if self.output is None:
             return F.linear(h, local(self.tok_embeddings.weight))

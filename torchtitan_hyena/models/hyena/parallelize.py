@@ -33,12 +33,14 @@ from torchtitan_hyena.distributed.context_parallel import ContextParallel
 from torchtitan_hyena.distributed.context_parallel.attention import apply_cp_attention
 from torchtitan_hyena.distributed.parallel_dims import ParallelDims
 from torchtitan_hyena.distributed.parallelize import FSDPUnits, ParallelizePlan, TPOptions
+from torchtitan_hyena.distributed.pipeline_parallel import PipelinePlan
 from torchtitan_hyena.distributed.tensor_parallel import (
     check_tp_divisible,
     float8_collectives,
     norm_plan,
     output_plan,
     prenorm_block_plan,
+    present,
 )
 from torchtitan_hyena.errors import ConfigError
 from torchtitan_hyena.models.common.attention import InnerAttention
@@ -110,7 +112,8 @@ def apply_cp(model: nn.Module, cp: ContextParallel) -> None:
 
 def fsdp_units(model: nn.Module) -> FSDPUnits:
     """Tied head: the embedding is used first and last, so it stays in the root unit (gathered for the whole
-    forward; it is tiny at vocab 512). Untied: TorchTitan's embedding / (norm, head) units. LI filters are fp32."""
+    forward; it is tiny at vocab 512). Untied: TorchTitan's embedding / (norm, head) units. LI filters are fp32.
+    (A pipeline stage without the embedding or the head has its blocks as units and the rest in the root.)"""
     tied = model.output is None
     return FSDPUnits(
         model.layers,
@@ -141,11 +144,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, options: TPOptions) -> None:
     loss_parallel = options.loss_parallel
     fp8 = float8_collectives(options.float8_tensorwise, tp_mesh)
     tp, rank = tp_mesh.size(), tp_mesh.get_local_rank()
-    top = {"tok_embeddings": _ScatterSequence(), "norm": norm_plan()}
-    if model.output is not None:
-        top["output"] = output_plan(loss_parallel)
-    parallelize_module(model, tp_mesh, top)
-    if model.output is None:  # gather the final norm's output for the tied (replicated) head
+    top = {"tok_embeddings": _ScatterSequence(), "norm": norm_plan(), "output": output_plan(loss_parallel)}
+    parallelize_module(model, tp_mesh, present(model, top))
+    if model.output is None and model.norm is not None:  # gather the final norm's output for the tied head
         gather = PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True)
         parallelize_module(model.norm, tp_mesh, gather)
     for block in model.layers.values():
@@ -183,4 +184,11 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, options: TPOptions) -> None:
     )
 
 
-HYENA_PLAN = ParallelizePlan(apply_tp=apply_tp, apply_cp=apply_cp, fsdp_units=fsdp_units)
+def tied_modules(model: nn.Module) -> tuple[str, ...]:
+    """With tied embeddings the last pipeline stage computes the logits from the embedding's weight."""
+    return ("tok_embeddings",) if model.args.tie_embeddings else ()
+
+
+HYENA_PLAN = ParallelizePlan(
+    apply_tp=apply_tp, apply_cp=apply_cp, fsdp_units=fsdp_units, pipeline=PipelinePlan(tied=tied_modules)
+)

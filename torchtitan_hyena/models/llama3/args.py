@@ -90,3 +90,9 @@ class Llama3Args(RopeScalingArgs, BaseModelArgs):
         nparams_embedding = sum(p.numel() for n, p in model.named_parameters() if "tok_embeddings" in n)
         flops = 6 * (nparams - nparams_embedding) + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
         return nparams, float(flops)
+
+    def layer_flops(self, seq_len: int) -> list[float]:
+        """Training FLOPs per token of each block: 6 per block weight + attention's 12 * heads * head_dim * L."""
+        d, hd = self.dim, self.head_dim
+        weights = 2 * d * self.n_heads * hd + 2 * d * self.kv_heads * hd + 3 * d * self.ffn_hidden_dim
+        return [6.0 * weights + 12.0 * self.n_heads * hd * seq_len] * self.n_layers

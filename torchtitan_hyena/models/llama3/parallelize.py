@@ -18,6 +18,7 @@ from torchtitan_hyena.distributed.tensor_parallel import (
     norm_plan,
     output_plan,
     prenorm_block_plan,
+    present,
 )
 from torchtitan_hyena.models.common.attention import InnerAttention
 from torchtitan_hyena.models.llama3.args import Llama3Args
@@ -42,7 +43,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, options: TPOptions) -> None:
         "norm": norm_plan(),
         "output": output_plan(options.loss_parallel),
     }
-    parallelize_module(model, tp_mesh, top)
+    parallelize_module(model, tp_mesh, present(model, top))
     for block in model.layers.values():
         plan = prenorm_block_plan(
             block,
