@@ -110,6 +110,16 @@ CASES: dict[str, Case] = {
                              fragment="compile.backend 'nosuch' is not a torch.compile backend"),
     "conv_impl_triton_on_cpu": hyena("--model.conv_impl", "triton", unset=("TRITON_INTERPRET",),
                                      fragment="model.conv_impl = triton needs a GPU"),
+    # ---------------------------------------------------------------- impossible pipeline layouts
+    "pp_world_size": train("--parallelism.pipeline_parallel_degree", "3", ranks=2,
+                           fragment="is not divisible by pipeline_parallel_degree"),
+    "pp_too_few_microbatches": train("--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "1",
+                                     ranks=2, fragment="needs at least pipeline_parallel_degree (2) microbatches"),
+    "pp_split_point_beyond": train("--parallelism.pipeline_parallel_degree", "2",
+                                   "--parallelism.pipeline_parallel_split_points", "layers.9", ranks=2,
+                                   fragment="must be increasing blocks between layers.1 and layers.5"),
+    "pp_validation": train("--parallelism.pipeline_parallel_degree", "2", "--validation.enable", "true", ranks=2,
+                           fragment="validation.enable runs whole-model forwards"),
     # ---------------------------------------------------------------- impossible model values
     "rope_theta_negative": train("--model.rope_theta", "-5", fragment="model.rope_theta must be positive, or -1"),
     "rope_pi_factor_zero": hyena("--model.rope_pi_factor", "0", fragment="model.rope_pi_factor must be positive"),
