@@ -284,9 +284,10 @@ def meta_model(spec: TrainSpec, args: BaseModelArgs) -> nn.Module:
         return spec.model_cls(args)
 
 
-def build_model(s: Setup, *, materialize: bool = True) -> BuiltModel:
+def build_model(s: Setup, *, materialize: bool = True, all_stages: bool = False) -> BuiltModel:
     """Meta model -> float8 or LoRA -> pipeline stages -> the family's parallelize plan -> (``materialize``) allocate
-    and initialize (every stage draws its tensors as the whole model would, by name)."""
+    and initialize (every stage draws its tensors as the whole model would, by name). ``all_stages``: every pipeline
+    stage in order, not only this rank's (the dry run sizes each pipeline rank; meta models only)."""
     c, t, pd = s.config, s.config.training, s.parallel_dims
     model = meta_model(s.spec, s.model_args)
     if c.float8.enable:  # module swaps happen on the meta model, before parallelization
@@ -301,6 +302,7 @@ def build_model(s: Setup, *, materialize: bool = True) -> BuiltModel:
     if pd.pp_enabled:
         ranges = stage_ranges(c.parallelism, s.model_args.layer_flops(t.seq_len), head_cost(model, plan))
         stages = stage_ids(pd.get_mesh("pp").get_local_rank(), pd.pp, len(ranges))
+        stages = list(range(len(ranges))) if all_stages else stages
         parts = [split_stage(model, plan, ranges, i) for i in stages]
         logger.info(f"pipeline stages (blocks [start, stop)): {ranges}; this rank runs stage(s) {stages}")
     parts = [parallelize(part, pd, c, s.cp, s.spec.parallelize_plan) for part in parts]

@@ -4,6 +4,9 @@ Each model family estimates the bytes autograd saves per token and layer (its ``
 ``TrainSpec.activation_estimator``); :func:`with_checkpointing` turns them into what one rank holds under the
 activation-checkpointing mode, and finds the peak. The estimates are checked against the tensors autograd saves on
 CPU (the dry-run tests).
+
+Under pipeline parallelism a rank holds some blocks (``ActivationInputs.blocks``), the head only on the last stage,
+and the activations of several microbatches at once (``in_flight``, see :func:`in_flight_microbatches`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ class ActivationInputs:
     ac_option: str
     loss_parallel: bool
     cp_rotate: str = "allgather"  # allgather keeps the whole sequence's K/V per attention layer, ring one block
+    blocks: tuple[int, ...] | None = None  # pipeline: the blocks this rank holds (None: all)
+    head: bool = True  # pipeline: this rank holds the last stage (final norm, head, loss)
+    in_flight: float = 1.0  # pipeline: microbatches whose saved activations are alive at once
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,10 @@ def with_checkpointing(
     and find the peak: the saved tensors plus the loss, or plus one recomputed block and its live gradients."""
     t, p, h = s.tp, s.act_bytes, block_input * s.tp / s.act_bytes
     tokens = s.microbatch * s.seq_len // s.cp
+    if s.blocks is not None:
+        layers = [layers[i] for i in s.blocks]
+    if not s.head:
+        head_saved, vocab = 0.0, 0.0
     worst = max(full for full, _ in layers)
     if s.ac_mode == "none":
         per_layer, recompute = sum(full for full, _ in layers), 0.0
@@ -62,6 +72,25 @@ def with_checkpointing(
         recompute = worst
     head_transient = (p + 4 + 4) * vocab  # logits, their fp32 copy, its gradient
     block_transient = recompute + p * (2 * f / t + 2 * h)  # recomputed block, live gradients
-    # The head's tensors are freed by the time the last block's backward (and recompute) starts.
-    peak = per_layer + max(head_saved + head_transient, block_transient)
-    return ActivationEstimate(saved=int(tokens * (per_layer + head_saved)), peak=int(tokens * peak))
+    # The head's tensors are freed by the time the last block's backward (and recompute) starts. Other in-flight
+    # microbatches (pipeline) keep what their forward saved.
+    earlier = (s.in_flight - 1) * (per_layer + head_saved)
+    peak = earlier + per_layer + max(head_saved + head_transient, block_transient)
+    saved = s.in_flight * (per_layer + head_saved)
+    return ActivationEstimate(saved=int(tokens * saved), peak=int(tokens * peak))
+
+
+def in_flight_microbatches(schedule: str, pp_rank: int, pp: int, microbatches: int, stages_per_rank: int) -> float:
+    """Microbatches whose forward activations a pipeline rank holds at its peak, in units of all its blocks.
+
+    GPipe runs every forward before the first backward; 1F1B keeps ``pp - rank`` in flight (warm-up forwards, then
+    one forward per backward); Interleaved1F1B warms up ``(v - 1) * pp + 2 * (pp - 1 - rank)`` stage chunks (torch's
+    schedule with ``v`` stages per rank and at least ``pp`` microbatches), each chunk a ``1 / v`` share of the blocks.
+    """
+    if schedule == "GPipe":
+        return float(microbatches)
+    if schedule == "1F1B":
+        return float(min(microbatches, pp - pp_rank))
+    v = stages_per_rank
+    chunks = min(microbatches * v, (v - 1) * min(microbatches, pp) + 2 * (pp - 1 - pp_rank) + 1)
+    return chunks / v

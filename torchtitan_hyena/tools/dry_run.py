@@ -14,11 +14,16 @@ node. Memory per rank (rank 0 holds the largest shards) is then:
   torch.compile fusion is assumed, so it errs high;
 * a runtime reserve of 10 % of the device (HIP/CUDA context, RCCL buffers, allocator fragmentation).
 
+Under pipeline parallelism every stage is built (on meta) and each pipeline rank is sized with its own stages'
+shards and activations: its blocks, the head on the last stage, and the microbatches its schedule keeps in flight
+(``tools/activation_memory.in_flight_microbatches``); the report is the fullest pipeline rank's, with a line per rank.
+
 It touches no data, creates no dump folder and needs no GPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +35,10 @@ from torch.distributed.tensor import DTensor
 from torchtitan_hyena import build
 from torchtitan_hyena.config import JobConfig
 from torchtitan_hyena.distributed.float8 import Accelerator
+from torchtitan_hyena.distributed.pipeline_parallel import stage_ids
 from torchtitan_hyena.dtypes import DTYPES
 from torchtitan_hyena.errors import ConfigError
-from torchtitan_hyena.tools.activation_memory import ActivationEstimate, ActivationInputs
+from torchtitan_hyena.tools.activation_memory import ActivationEstimate, ActivationInputs, in_flight_microbatches
 from torchtitan_hyena.tools.logging import init_logger, logger
 from torchtitan_hyena.tools.world_size import required_world_size
 
@@ -143,6 +149,7 @@ class MemoryReport:
     offloaded: bool  # parameters, gradients and optimizer state live in host memory
     device: str
     device_bytes: int
+    pipeline_totals: tuple[int, ...] = ()  # total bytes of each pipeline rank (the report is the fullest one's)
 
     @property
     def state_bytes(self) -> int:
@@ -183,6 +190,9 @@ class MemoryReport:
             colalign=("left", "right"),
             disable_numparse=True,
         )
+        if self.pipeline_totals:
+            totals = ", ".join(f"{b / GIB:.1f}" for b in self.pipeline_totals)
+            body += f"\npipeline ranks 0..{len(self.pipeline_totals) - 1}, total GiB: {totals} (the table: the fullest)"
         mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
         trained = "" if self.trainable_params is None else f" ({self.trainable_params:,} trainable, LoRA)"
         verdict = "FITS" if self.fits else "DOES NOT FIT"
@@ -223,66 +233,91 @@ def dry_run(config: JobConfig, world_size: int | None = None, device: str = "mi2
     if dist.is_initialized():
         raise RuntimeError("a dry run needs a process without a process group")
     world_size = world_size or required_world_size(config)
-    budget = int(device_budget_gib(device) * GIB)
-    c, p = config, config.parallelism
+    device_budget_gib(device)  # a bad --device fails before the process group
+    c = config
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         s = build.setup(c, target=target_accelerator(device))
-        pd, args = s.parallel_dims, s.model_args
-        parts, nparams, _, _ = build.build_model(s, materialize=False)
-        model = parts[0]
-
-        param_bytes = sum(_local_bytes(q) for q in model.parameters())
-        trained_bytes = sum(_local_bytes(q) for q in model.parameters() if q.requires_grad)  # all but LoRA's base
-        states = OPTIMIZER_STATES.get(c.optimizer.name, 2)
-        fsdp_units = _fsdp_unit_numels(model, pd.dp_shard * pd.cp)
-        gathered, reduce = DTYPES[c.training.mixed_precision_param].itemsize, 4
-        if fsdp_units and c.parallelism.fsdp_reshard_after_forward == "never":
-            buffers = sum(fsdp_units) * gathered + max(fsdp_units) * (gathered + reduce)
-        elif fsdp_units:
-            buffers = max(fsdp_units) * (2 * gathered + gathered + reduce)
-        else:
-            buffers = 0
-        estimator = s.spec.activation_estimator
-        activations = None
-        if estimator is not None:
-            ac = c.activation_checkpoint
-            activations = estimator(
-                args,
-                ActivationInputs(
-                    microbatch=c.training.local_batch_size,
-                    seq_len=c.training.seq_len,
-                    tp=pd.tp,
-                    cp=pd.cp,
-                    act_bytes=DTYPES[c.training.mixed_precision_param].itemsize,
-                    ac_mode=ac.mode,
-                    ac_option=ac.selective_ac_option,
-                    loss_parallel=pd.tp_enabled and p.enable_loss_parallel,
-                    cp_rotate=p.context_parallel_rotate_method,
-                ),
-            )
-        else:
-            logger.warning(f"no activation model for {c.model.name}; the verdict covers everything else")
-        mesh = pd.world_mesh
-        report = MemoryReport(
-            config_file=c.job.config_file or "(defaults)",
-            world_size=world_size,
-            mesh=dict(zip(mesh.mesh_dim_names or (), mesh.shape)),
-            model=f"{c.model.name} {c.model.flavor}",
-            nparams=nparams,
-            trainable_params=sum(q.numel() for q in model.parameters() if q.requires_grad) if c.lora.enable else None,
-            param_bytes=param_bytes,
-            grad_bytes=trained_bytes,
-            optimizer_bytes=states * trained_bytes,
-            fsdp_buffer_bytes=buffers,
-            activations=activations,
-            offloaded=c.training.enable_cpu_offload,
-            device=device,
-            device_bytes=budget,
-        )
+        pd = s.parallel_dims
+        parts, nparams, _, _ = build.build_model(s, materialize=False, all_stages=True)
+        trainable = sum(q.numel() for part in parts for q in part.parameters() if q.requires_grad)
+        reports = [
+            _rank_report(s, [parts[i] for i in stage_ids(r, pd.pp, len(parts))], r, len(parts), nparams, device)
+            for r in range(pd.pp)
+        ]
+        report = max(reports, key=lambda r: r.total_bytes)
+        if c.lora.enable:
+            report = dataclasses.replace(report, trainable_params=trainable)
+        if pd.pp_enabled:
+            report = dataclasses.replace(report, pipeline_totals=tuple(r.total_bytes for r in reports))
     finally:
         dist.destroy_process_group()
     return report
+
+
+def _rank_report(
+    s: build.Setup, parts: list[nn.Module], pp_rank: int, n_stages: int, nparams: int, device: str
+) -> MemoryReport:
+    """The memory of the (first) rank of pipeline rank ``pp_rank``, which holds ``parts`` (the whole model without
+    pipeline parallelism)."""
+    c, p, pd = s.config, s.config.parallelism, s.parallel_dims
+    param_bytes = sum(_local_bytes(q) for part in parts for q in part.parameters())
+    trained_bytes = sum(_local_bytes(q) for part in parts for q in part.parameters() if q.requires_grad)  # LoRA
+    units = [n for part in parts for n in _fsdp_unit_numels(part, pd.dp_shard * pd.cp)]
+    gathered, reduce = DTYPES[c.training.mixed_precision_param].itemsize, 4
+    never = p.fsdp_reshard_after_forward == "never" or (pd.pp_enabled and p.fsdp_reshard_after_forward == "default")
+    if units and never:
+        buffers = sum(units) * gathered + max(units) * (gathered + reduce)
+    elif units:
+        buffers = max(units) * (2 * gathered + gathered + reduce)
+    else:
+        buffers = 0
+    activations = None
+    estimator = s.spec.activation_estimator
+    if estimator is not None:
+        ac, t = c.activation_checkpoint, c.training
+        microbatch, pipeline = t.local_batch_size, {}
+        if pd.pp_enabled:
+            microbatch = p.pipeline_parallel_microbatch_size
+            pipeline = dict(
+                blocks=tuple(int(n) for part in parts for n in part.layers),
+                head=pp_rank == (n_stages - 1) % pd.pp,
+                in_flight=in_flight_microbatches(
+                    p.pipeline_parallel_schedule, pp_rank, pd.pp, t.local_batch_size // microbatch, n_stages // pd.pp
+                ),
+            )
+        inputs = ActivationInputs(
+            microbatch=microbatch,
+            seq_len=t.seq_len,
+            tp=pd.tp,
+            cp=pd.cp,
+            act_bytes=DTYPES[t.mixed_precision_param].itemsize,
+            ac_mode=ac.mode,
+            ac_option=ac.selective_ac_option,
+            loss_parallel=pd.tp_enabled and p.enable_loss_parallel,
+            cp_rotate=p.context_parallel_rotate_method,
+            **pipeline,
+        )
+        activations = estimator(s.model_args, inputs)
+    elif pp_rank == 0:
+        logger.warning(f"no activation model for {c.model.name}; the verdict covers everything else")
+    mesh = pd.world_mesh
+    return MemoryReport(
+        config_file=c.job.config_file or "(defaults)",
+        world_size=dist.get_world_size(),
+        mesh=dict(zip(mesh.mesh_dim_names or (), mesh.shape)),
+        model=f"{c.model.name} {c.model.flavor}",
+        nparams=nparams,
+        trainable_params=None,
+        param_bytes=param_bytes,
+        grad_bytes=trained_bytes,
+        optimizer_bytes=OPTIMIZER_STATES.get(c.optimizer.name, 2) * trained_bytes,
+        fsdp_buffer_bytes=buffers,
+        activations=activations,
+        offloaded=c.training.enable_cpu_offload,
+        device=device,
+        device_bytes=int(device_budget_gib(device) * GIB),
+    )
 
 
 def run(config: JobConfig, flags: DryRunFlags) -> MemoryReport:

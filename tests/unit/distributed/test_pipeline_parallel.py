@@ -1,5 +1,6 @@
 """The pipeline split (``distributed/pipeline_parallel.py``): balanced, explicit and per-stage-count splits, the
-stages a rank runs, what each stage holds, and the layouts refused before anything is built."""
+stages a rank runs, what each stage holds, the layouts refused before anything is built; and the dry run's
+per-stage memory (in-flight microbatches, blocks per stage)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from torchtitan_hyena.build import meta_model
+from torchtitan_hyena.config import ConfigManager
 from torchtitan_hyena.config.job_config import Parallelism
 from torchtitan_hyena.distributed.pipeline_parallel import (
     balanced_ranges,
@@ -18,7 +20,10 @@ from torchtitan_hyena.distributed.pipeline_parallel import (
     validate_pipeline,
 )
 from torchtitan_hyena.errors import ConfigError
+from torchtitan_hyena.models.llama3.activations import llama3_activations
 from torchtitan_hyena.protocols.train_spec import get_flavor_args, get_train_spec
+from torchtitan_hyena.tools.activation_memory import ActivationInputs, in_flight_microbatches
+from torchtitan_hyena.tools.dry_run import dry_run
 
 
 def parallelism(**kw) -> Parallelism:
@@ -86,3 +91,35 @@ def test_impossible_layouts_are_one_line(kw, local_batch, fragment):
 def test_validation_is_refused_under_pipeline():
     with pytest.raises(ConfigError, match="validation.enable"):
         validate_pipeline(parallelism(), 6, 2, validation=True)
+
+
+def test_stage_activations_add_up_to_the_whole_model():
+    """A stage's estimate covers its blocks (the head on the last stage only), times its in-flight microbatches."""
+    args = get_flavor_args(get_train_spec("llama3"), "debugmodel")
+    base = ActivationInputs(
+        microbatch=1, seq_len=64, tp=1, cp=1, act_bytes=4, ac_mode="none", ac_option="2", loss_parallel=False
+    )
+    whole = llama3_activations(args, base).saved
+    first = llama3_activations(args, dataclasses.replace(base, blocks=(0, 1, 2), head=False)).saved
+    last = llama3_activations(args, dataclasses.replace(base, blocks=(3, 4, 5))).saved
+    assert abs(first + last - whole) <= 1
+    gpipe = llama3_activations(args, dataclasses.replace(base, blocks=(0, 1, 2), head=False, in_flight=4.0))
+    assert abs(gpipe.saved - 4 * first) <= 4
+
+
+def test_in_flight_microbatches_per_schedule():
+    assert in_flight_microbatches("GPipe", 0, 2, 8, 1) == 8
+    assert in_flight_microbatches("1F1B", 0, 4, 8, 1) == 4 and in_flight_microbatches("1F1B", 3, 4, 8, 1) == 1
+    assert in_flight_microbatches("Interleaved1F1B", 0, 2, 4, 2) == 2.5  # 5 chunks of half the blocks
+    assert in_flight_microbatches("Interleaved1F1B", 1, 2, 4, 2) == 1.5
+
+
+def test_dry_run_sizes_every_pipeline_rank():
+    c = ConfigManager().parse_args(
+        ["--job.config_file", "train_configs/debug_model.toml", "--validation.enable", "false",
+         "--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "4"]
+    )  # fmt: skip
+    report = dry_run(c, 4)
+    assert report.mesh == {"pp": 2, "dp_shard": 2} and len(report.pipeline_totals) == 2
+    assert report.total_bytes == max(report.pipeline_totals)
+    assert "pipeline ranks 0..1" in report.table()
