@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
 from torch.distributed.tensor import DTensor
@@ -211,9 +212,7 @@ class Pipeline:
         tied_group: dist.ProcessGroup | None,
         device: torch.device,
     ) -> None:
-        self.parts = parts
         self.has_first, self.has_last = 0 in stages, n_stages - 1 in stages
-        self.pp_group = pp_group
         pipeline_stages = [PipelineStage(part, s, n_stages, device, group=pp_group) for part, s in zip(parts, stages)]
         schedule_cls = get_schedule_class(p.pipeline_parallel_schedule)
         looped = issubclass(schedule_cls, PipelineScheduleMulti)
@@ -266,15 +265,15 @@ class Pipeline:
         for param in self.tied:
             if param.grad is None:
                 continue
-            grad = param.grad._local_tensor if isinstance(param.grad, DTensor) else param.grad
-            dist.all_reduce(grad, group=self.tied_group)
+            grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+            dist.all_reduce(grad, group=self.tied_group)  # in place: to_local() shares the gradient's storage
 
     def counted_elsewhere(self) -> frozenset[int]:
         """Tied copies on the last stage: the first stage counts their gradient in the norm."""
         return frozenset(id(q) for q in self.tied) if self.has_last and not self.has_first else frozenset()
 
 
-def tied_group(world_mesh, pp: int) -> dist.ProcessGroup:
+def tied_group(world_mesh: DeviceMesh, pp: int) -> dist.ProcessGroup:
     """This rank's group of the first and the last pipeline rank at its other mesh coordinates (every rank creates
     every such group, in the same order, as ``new_group`` requires). ``pp`` is the outermost mesh dimension."""
     ranks = world_mesh.mesh.reshape(pp, -1)
