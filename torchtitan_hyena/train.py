@@ -116,7 +116,9 @@ class Trainer:
             world_size=dist.get_world_size(),
             device=self.device,
             total_steps=t.steps,
-            constants=parameter_counts(model) if c.lora.enable else None,
+            constants=parameter_counts(torch.nn.ModuleList(self.model_parts))
+            if c.lora.enable
+            else None,  # PP: this rank's
         )
 
     # ------------------------------------------------------------------ the loop

@@ -2,7 +2,7 @@
 
 The debug Llama and hybrid under PP 2 (GPipe and 1F1B), PP 2 x FSDP 2, PP 2 x TP 2 and a looped schedule
 (Interleaved1F1B, 4 stages) over PP 2 x CP 2 with full activation checkpointing: the first 10 of the 20 steps of
-``tests/test_baselines.py``'s settings (same schedule, so the same learning rates), compared with the stored
+``tests/integration/test_baselines.py``'s settings (same schedule, so the same learning rates), compared with the stored
 one-process curves (no extra run). The stored curves ran 2 accumulation steps of 1 sequence; a pipeline with 2
 microbatches of 1 sequence takes the same batches, summed in another order. Where the environment matches the
 recording one the loss must agree within 1e-5 relative (measured: <= 8.3e-6, PP 2 x FSDP 2 Llama); elsewhere the
@@ -21,7 +21,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, env, torchrun_runs
-from tests.test_baselines import BASELINES, COMMON, LOSS_RTOL, MODELS, environment
+from tests.integration.test_baselines import BASELINES, COMMON, LOSS_RTOL, MODELS, environment
 
 pytestmark = pytest.mark.slow
 
