@@ -183,7 +183,7 @@ CASES: dict[str, Case] = {
                                       fragment="has no dataloader.windows_consumed"),
     # ---------------------------------------------------------------- several ranks (torchrun's environment)
     "ranks_world_size_vs_mesh": train("--parallelism.data_parallel_shard_degree", "4", ranks=2,
-                                      fragment="multiply to 4 (pp 1 x replicate 1 x shard 4 x cp 1 x tp 1) but the world"),
+                                      fragment="multiply to 4 (pp 1 x replicate 1 x shard 4 x cp 1 x tp 1) but"),
     "ranks_cp_seq_len": train("--parallelism.context_parallel_degree", "2", "--training.seq_len", "130", ranks=2,
                               fragment="training.seq_len 130 must be divisible by 4"),
     "ranks_tp_heads": train("--parallelism.tensor_parallel_degree", "3", "--training.seq_len", "129", ranks=3,
