@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY, assert_losses_close, torchrun_losses
+from torchtitan_hyena.components.dcp_reader import read_dcp_metadata
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +46,10 @@ TWO_RANKS = {  # TP 2 without loss parallel, FSDP 2 and the hybrid's layouts: te
         "true",
         "--compile.backend",
         "aot_eager",  # dynamo and AOT autograd trace the DTensors; Inductor's C++ build: test_train.py
+        "--checkpoint.enable",  # AC wraps the compiled blocks here: the saved names must not show it
+        "true",
+        "--checkpoint.interval",
+        "3",
         "--activation_checkpoint.mode",
         "full",
         "--parallelism.enable_async_tensor_parallel",
@@ -129,3 +134,11 @@ def test_float8_emulation_trains_close_to_bf16(losses, layout):
     assert float8[-1] < 0.7 * float8[0]
     assert float8 != bf16  # the float8 path really ran
     assert_losses_close(float8, bf16, rtol=0.05)
+
+
+def test_checkpoint_names_do_not_depend_on_compile_and_activation_checkpointing(losses, root):
+    """TP + compile + AC wraps each compiled block in the AC wrapper; its step folder has FSDP 4's names."""
+    wrapped = read_dcp_metadata(root / "tp2_lp_compile_full_ac" / "checkpoint" / "step-3").state_dict_metadata
+    plain = read_dcp_metadata(root / "ckpt" / "checkpoint" / "step-3").state_dict_metadata
+    assert not [k for k in wrapped if "_orig_mod" in k or "_checkpoint_wrapped" in k]
+    assert set(wrapped) == set(plain)

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from torchtitan_hyena.components import checkpoint_writer
 from torchtitan_hyena.components.dcp_reader import dcp_error, load_dcp, read_dcp_metadata
+from torchtitan_hyena.distributed.utils import clean_fqn
 from torchtitan_hyena.dtypes import DTYPES
 from torchtitan_hyena.errors import UserError
 from torchtitan_hyena.protocols.model import MODEL_ARGS_FILE, read_model_args, write_model_args
@@ -74,11 +75,13 @@ def check_model_family(path: Path, model_name: str) -> None:
 
 
 def model_state_dict(model_parts: list[nn.Module], trainable_only: bool = False) -> dict[str, Any]:
-    """The parts' model state; ``trainable_only``: without the frozen weights (a LoRA checkpoint)."""
+    """The parts' model state under plain module paths; ``trainable_only``: without the frozen weights (a LoRA
+    checkpoint). DSD drops the AC wrapper's name but keeps ``_orig_mod.`` when AC wraps a compiled block (TP +
+    compile + AC), and a checkpoint's names must not depend on the layout that wrote it."""
     options = StateDictOptions(ignore_frozen_params=trainable_only)
     sd: dict[str, Any] = {}
     for part in model_parts:
-        sd.update(get_model_state_dict(part, options=options))
+        sd.update({clean_fqn(k): v for k, v in get_model_state_dict(part, options=options).items()})
     return sd
 
 
@@ -111,9 +114,11 @@ def load_model_weights(
     metadata = metadata or read_dcp_metadata(path)
     meta = metadata.state_dict_metadata
     sd = model_state_dict(model_parts, trainable_only)
+    legacy = {clean_fqn(k): k for k in meta if clean_fqn(k) != k}  # names written with wrapper parts (before 12/2026)
     to_load, renamed, missing, mismatched = {}, {}, [], []
     for key, value in sd.items():
-        ckpt_key = key if key in meta else f"model.{key}" if f"model.{key}" in meta else None
+        ckpt_key = next((k for k in (key, f"model.{key}") if k in meta), None)
+        ckpt_key = ckpt_key or legacy.get(key) or legacy.get(f"model.{key}")
         if ckpt_key is None:
             missing.append(key)
             continue
@@ -136,10 +141,14 @@ def load_model_weights(
         )
     load_dcp(to_load, path, partial=True, metadata=metadata)
     loaded = {renamed[k]: v for k, v in to_load.items()}
-    for part in model_parts:
-        set_model_state_dict(part, loaded, options=StateDictOptions(strict=False))
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
+    for part in model_parts:  # DSD takes its own names back
+        own = {k: loaded[clean_fqn(k)] for k in get_model_state_dict(part, options=options) if clean_fqn(k) in loaded}
+        set_model_state_dict(part, own, options=StateDictOptions(strict=False))
     model_keys = set(sd)
-    unused = sorted(k for k in meta if k.removeprefix("model.") not in model_keys and not k.startswith(NON_MODEL_STATE))
+    unused = sorted(
+        k for k in meta if clean_fqn(k.removeprefix("model.")) not in model_keys and not k.startswith(NON_MODEL_STATE)
+    )
     return {"missing": missing, "mismatched": mismatched, "unused": unused}
 
 

@@ -77,16 +77,19 @@ class OptimizersContainer:
             opt.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
+        """Flattened, under plain module paths (as the model's: ``checkpoint.model_state_dict``)."""
         opts = StateDictOptions(flatten_optimizer_state_dict=True)
         out: dict[str, Any] = {}
         for model, opt in zip(self.model_parts, self.optimizers):
-            out.update(get_optimizer_state_dict(model, opt, options=opts))
+            out.update({clean_fqn(k): v for k, v in get_optimizer_state_dict(model, opt, options=opts).items()})
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         opts = StateDictOptions(flatten_optimizer_state_dict=True)
         for model, opt in zip(self.model_parts, self.optimizers):
-            set_optimizer_state_dict(model, opt, optim_state_dict=state_dict, options=opts)
+            own = get_optimizer_state_dict(model, opt, options=opts)  # DSD takes its own names back
+            own = {k: state_dict[clean_fqn(k)] for k in own if clean_fqn(k) in state_dict}
+            set_optimizer_state_dict(model, opt, optim_state_dict=own, options=opts)
 
 
 def build_optimizers(model_parts: list[nn.Module], config: Any) -> OptimizersContainer:
