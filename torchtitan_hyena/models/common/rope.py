@@ -110,7 +110,8 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     forward and backward, in one kernel each way instead of eight (5x faster on CPU; bench/torchtitan_side_by_side.py).
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * _broadcast(torch.complex(cos, sin), x)).flatten(-2).type_as(x)
+    rotation = torch.complex(cos.float(), sin.float())  # FSDP casts block inputs (the tables) to bf16
+    return torch.view_as_real(pairs * _broadcast(rotation, x)).flatten(-2).type_as(x)
 
 
 def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

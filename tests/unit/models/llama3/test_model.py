@@ -29,6 +29,15 @@ def test_interleaved_rope_matches_meta_reference():
     assert torch.allclose(apply_rope_interleaved(x, cos, sin), meta_rope(x, 500000.0), atol=1e-5)
 
 
+def test_interleaved_rope_takes_bf16_activations_and_tables():
+    """Under bf16 FSDP the tables arrive in bf16 too (block inputs are cast): the rotation runs in fp32."""
+    x = torch.randn(2, 17, 3, 16).bfloat16()
+    cos, sin = rope_tables(rope_inv_freq(16, 500000.0), torch.arange(17))
+    out = apply_rope_interleaved(x, cos.bfloat16(), sin.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), meta_rope(x.float(), 500000.0), atol=2e-2)
+
+
 def test_half_rope_is_interleaved_rope_after_permutation():
     x = torch.randn(1, 9, 2, 8)
     cos, sin = rope_tables(rope_inv_freq(8, 10000.0), torch.arange(9))
