@@ -84,8 +84,8 @@ def runs(tmp_path_factory) -> dict:
     four = {
         "llama": run("llama4", "llama", *FSDP2_TP2),
         "hyena": run("hyena4", "hyena", *FSDP2_TP2),
-        # TP + compile + AC: AC wraps each compiled block, and the seed still finds every tensor by its plain name
-        "bf16": run("bf16", "hyena", *FSDP2_TP2, *AC_COMPILE, "--training.mixed_precision_param", "bfloat16"),
+        # AC without compile: AOTAutograd refuses the LoRA hybrid block under TP (aliased DTensor outputs)
+        "bf16": run("bf16", "hyena", *FSDP2_TP2, *AC_COMPILE[:2], "--training.mixed_precision_param", "bfloat16"),
     }
     (root / "one").mkdir()
     (root / "four").mkdir()
