@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,14 +126,18 @@ class CollectiveCounts:
         return {f"{d}/{k}": {"bytes": self.bytes[(d, k)], "calls": self.calls[(d, k)]} for d, k in sorted(self.calls)}
 
 
-def mesh_group_names(mesh: DeviceMesh) -> dict[str, str]:
-    """Process-group name -> dimension name, for every dimension of ``mesh``'s root and its flattened views."""
+def mesh_group_names(mesh: DeviceMesh, extra: Mapping[str, DeviceMesh] | None = None) -> dict[str, str]:
+    """Process-group name -> dimension name, for every dimension of ``mesh``'s root and its flattened views
+    (``_flatten`` keeps them in the root's ``_flatten_mapping``), then the 1-D meshes of ``extra`` by their keys
+    (e.g. ``ParallelDims.named_meshes()``: an unflattened HSDP mesh may have groups of its own)."""
     root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
     named: dict[str, DeviceMesh] = {}
     for m in (root, mesh):
         for name in m.mesh_dim_names or ():
             named.setdefault(name, m[name])
         named.update(getattr(m, "_flatten_mapping", {}) or {})
+    for name, sub in (extra or {}).items():
+        named.setdefault(name, sub)
     names = {}
     for name, sub in named.items():
         if sub.ndim == 1:
@@ -177,8 +181,9 @@ class _Counter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def count_collectives(mesh: DeviceMesh) -> Iterator[CollectiveCounts]:
-    """``with count_collectives(mesh) as counts:`` counts this thread's collectives into ``counts``."""
+def count_collectives(mesh: DeviceMesh, extra: Mapping[str, DeviceMesh] | None = None) -> Iterator[CollectiveCounts]:
+    """``with count_collectives(mesh) as counts:`` counts this thread's collectives into ``counts`` (``extra``: more
+    named meshes, see :func:`mesh_group_names`)."""
     counts = CollectiveCounts()
-    with _Counter(mesh_group_names(mesh), counts):
+    with _Counter(mesh_group_names(mesh, extra), counts):
         yield counts
