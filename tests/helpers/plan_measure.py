@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -39,6 +40,18 @@ _CATEGORIES = {
 }
 
 
+class StepMemTracker(MemTracker):
+    """MemTracker over a step of several forwards (microbatches, pipeline chunks): MemTracker refuses a root
+    module's second forward, so that starts its per-module statistics afresh; only the global peak is read."""
+
+    def _pre_fw_hook(self, module: torch.nn.Module, inputs: Any) -> None:
+        tracker = self._mod_tracker
+        parents = set(tracker.parents) - {tracker.get_known_fqn(module)}
+        if module in self.memory_tracking and not tracker.is_bw and parents == {"Global"}:
+            self.reset_mod_stats()
+        super()._pre_fw_hook(module, inputs)
+
+
 def measure_step(trainer: Trainer, record: dict[str, Any]) -> None:
     """Wrap ``trainer.train_step`` so that step :data:`MEASURED_STEP` fills ``record``."""
     step = trainer.train_step
@@ -48,7 +61,7 @@ def measure_step(trainer: Trainer, record: dict[str, Any]) -> None:
     def measured(microbatches):
         if trainer.state.step != MEASURED_STEP:
             return step(microbatches)
-        tracker = MemTracker()
+        tracker = StepMemTracker()
         tracker.track_external(*trainer.model_parts, *trainer.optimizers.optimizers)
         with tracker, count_collectives(mesh, dims.named_meshes()) as counts:
             out = step(microbatches)
