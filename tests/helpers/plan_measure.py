@@ -9,6 +9,9 @@ clipping and the optimizer step. Rank 0 writes OUT.json, a list indexed by rank 
 ``{"rank", "mesh", "collectives": {"dim/op": {"bytes", "calls"}}, "peak_bytes", "peak_breakdown"}``; byte
 definitions: ``torchtitan_hyena/distributed/comm_counter.py``. Memory counts tensor storages only (MemTracker: the
 parameters, optimizer states and live tensors it sees), not the allocator's caching or fragmentation.
+``context_parallel_sent`` is the context-parallel collectives' own count (``track_communication``: bytes sent to
+other ranks, e.g. (n - 1) x the shard for an all-gather), which tells their share of the CP dimension's traffic apart
+from FSDP's when both use one group.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from torchtitan_hyena.config import ConfigManager
 from torchtitan_hyena.distributed.comm_counter import count_collectives
+from torchtitan_hyena.distributed.context_parallel.collectives import track_communication
 from torchtitan_hyena.train import Trainer
 
 MEASURED_STEP = 2
@@ -63,10 +67,11 @@ def measure_step(trainer: Trainer, record: dict[str, Any]) -> None:
             return step(microbatches)
         tracker = StepMemTracker()
         tracker.track_external(*trainer.model_parts, *trainer.optimizers.optimizers)
-        with tracker, count_collectives(mesh, dims.named_meshes()) as counts:
+        with tracker, count_collectives(mesh, dims.named_meshes()) as counts, track_communication() as cp:
             out = step(microbatches)
         (peak,) = tracker.get_tracker_snapshot("peak").values()  # one device per rank
         record["collectives"] = counts.summary()
+        record["context_parallel_sent"] = dict(cp)
         record["peak_bytes"] = peak.get("Total", 0)
         record["peak_breakdown"] = {name: peak.get(key, 0) for key, name in _CATEGORIES.items()}
         return out

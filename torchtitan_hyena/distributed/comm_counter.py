@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import device_mesh
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -126,16 +127,28 @@ class CollectiveCounts:
         return {f"{d}/{k}": {"bytes": self.bytes[(d, k)], "calls": self.calls[(d, k)]} for d, k in sorted(self.calls)}
 
 
+def _root_and_flattened(mesh: DeviceMesh) -> tuple[DeviceMesh, dict[str, DeviceMesh]]:
+    """The root mesh and its flattened views: attributes of the mesh in torch 2.13, of ``_mesh_resources`` before."""
+    if hasattr(mesh, "_get_root_mesh"):
+        root = mesh._get_root_mesh()
+        return root, dict(getattr(root, "_flatten_mapping", None) or {})
+    resources = getattr(device_mesh, "_mesh_resources", None)
+    if resources is None or not hasattr(resources, "get_root_mesh"):
+        return mesh, {}
+    root = resources.get_root_mesh(mesh)
+    return root, dict(getattr(resources, "root_to_flatten_mapping", {}).get(root, {}))
+
+
 def mesh_group_names(mesh: DeviceMesh, extra: Mapping[str, DeviceMesh] | None = None) -> dict[str, str]:
     """Process-group name -> dimension name, for every dimension of ``mesh``'s root and its flattened views
     (``_flatten`` keeps them in the root's ``_flatten_mapping``), then the 1-D meshes of ``extra`` by their keys
     (e.g. ``ParallelDims.named_meshes()``: an unflattened HSDP mesh may have groups of its own)."""
-    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+    root, flattened = _root_and_flattened(mesh)
     named: dict[str, DeviceMesh] = {}
     for m in (root, mesh):
         for name in m.mesh_dim_names or ():
             named.setdefault(name, m[name])
-        named.update(getattr(m, "_flatten_mapping", {}) or {})
+    named.update(flattened)
     for name, sub in (extra or {}).items():
         named.setdefault(name, sub)
     names = {}
