@@ -14,8 +14,12 @@ Bytes per call, for the calling rank (what a planner predicts from shapes, not t
 
 Coalesced and list forms add their tensors up (one call). A key is ``(dimension, kind)``: the dimension is the
 mesh dimension (or flattened dimension, e.g. ``dp_shard_cp``) whose process group the op ran on, ``world`` for
-the default group, ``other`` for any other group. Ops without a counted kind (barrier, gather, scatter, reduce)
-go under ``other`` kinds named after the op, so nothing is silently dropped.
+the default group, ``other`` for any other group. Where two names share one group (FSDP over ``dp_shard_cp`` when
+only ``cp`` is present), the mesh dimension's name wins. c10d barrier, gather, scatter and reduce are counted too,
+under kinds of those names (their tensor or input bytes), so nothing is silently dropped.
+
+Only the calling thread is seen: backward collectives count because CPU autograd runs in the calling thread, and
+the autograd engine carries the dispatch mode to its device threads on GPUs (not checked here).
 """
 
 from __future__ import annotations
