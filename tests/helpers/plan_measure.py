@@ -1,6 +1,10 @@
 """Measure one steady-state train step of a layout: collective bytes per mesh dimension and peak memory per rank.
 
     torchrun --standalone --nproc_per_node N -m tests.helpers.plan_measure OUT.json -- <train args...>
+    torchrun --standalone --nproc_per_node N -m tests.helpers.plan_measure OUT.json RUNS.json
+
+RUNS.json (a list of argument lists) measures several layouts in one job (one process group); OUT.json then holds
+one list of records per run.
 
 The run trains ``training.steps`` (>= 2) steps; step 2 (optimizer state exists, warm-up collectives are done) runs
 inside :func:`count_collectives` (the world mesh, its flattened views and ``ParallelDims.named_meshes()``) and
@@ -83,7 +87,16 @@ def main() -> None:
     out_path = Path(sys.argv[1])
     args = sys.argv[2:]
     if args[:1] == ["--"]:
-        args = args[1:]
+        results = measure_run(args[1:])
+    else:
+        results = [measure_run(run) for run in json.loads(Path(args[0]).read_text())]
+    if dist.get_rank() == 0:
+        out_path.write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+def measure_run(args: list[str]) -> list[Any]:
+    """Every rank's record of one layout's measured step."""
     trainer = Trainer(ConfigManager().parse_args(args))
     mesh = trainer.setup.parallel_dims.world_mesh
     record: dict[str, Any] = {
@@ -99,9 +112,7 @@ def main() -> None:
         raise SystemExit(f"step {MEASURED_STEP} did not run: set --training.steps >= {MEASURED_STEP}")
     records: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(records, record)
-    if dist.get_rank() == 0:
-        out_path.write_text(json.dumps(records, indent=1))
-    dist.destroy_process_group()
+    return records
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import device_mesh
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -162,6 +163,10 @@ def mesh_group_names(mesh: DeviceMesh, extra: Mapping[str, DeviceMesh] | None = 
     return names
 
 
+def _ranks(group_name: str) -> tuple[int, ...]:
+    return tuple(dist.get_process_group_ranks(_resolve_process_group(group_name)))
+
+
 def _group_name(group: Any) -> str | None:
     """A functional op names its group; a c10d op gets it boxed, as a ``torch.ScriptObject``."""
     if isinstance(group, str):
@@ -177,12 +182,18 @@ class _Counter(TorchDispatchMode):
         super().__init__()
         self.groups, self.counts = groups, counts
         self.world = _group_name(dist.group.WORLD) if dist.is_initialized() else None
+        # DeviceMesh equality compares layouts, so torch's DTensor caches may hand a later mesh the groups of an
+        # identical one built earlier in the process (several runs in one job): such a group counts under the
+        # dimension with its ranks.
+        self.by_ranks = {_ranks(group): dim for group, dim in reversed(groups.items())}
 
     def _dim(self, group: Any) -> str:
         name = _group_name(group)
         if name in self.groups:
             return self.groups[name]
-        return "world" if name is not None and name == self.world else "other"
+        if name is not None and name == self.world:
+            return "world"
+        return self.by_ranks.get(_ranks(name), "other") if name is not None else "other"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -25,6 +25,7 @@ from torchtitan_hyena.errors import ConfigError
 from torchtitan_hyena.protocols.model import BaseModelArgs
 from torchtitan_hyena.protocols.state_dict_adapter import StateDictAdapter
 from torchtitan_hyena.tools.activation_memory import ActivationEstimator
+from torchtitan_hyena.tools.comm_model import TrafficEstimator
 
 
 @dataclass
@@ -37,7 +38,8 @@ class TrainSpec:
       parallelize skeleton (``distributed/parallelize.py``).
     * ``validate_fn(model_args, parallel_dims, job_config)`` rejects layouts the model cannot take (e.g. a TP
       degree that does not divide the heads) before anything is built.
-    * ``activation_estimator(model_args, inputs)``: activation memory per rank for the dry run.
+    * ``activation_estimator(model_args, inputs)``: activation memory per rank for the dry run and the planner;
+      ``traffic_estimator(model_args, inputs)``: the TP/CP messages of its blocks, for the planner.
     * ``state_dict_adapters``: external checkpoint formats (e.g. ``hf``, ``vortex``) to and from the model's
       state dict; the converters in ``convert/`` read and write the files.
     * ``build_*_fn``: optimizer, LR schedule, data, tokenizer and loss; the shared components by default.
@@ -49,6 +51,7 @@ class TrainSpec:
     parallelize_plan: ParallelizePlan
     validate_fn: Callable[..., None] | None = None
     activation_estimator: ActivationEstimator | None = None
+    traffic_estimator: TrafficEstimator | None = None
     state_dict_adapters: Mapping[str, type[StateDictAdapter]] = field(default_factory=dict)
     build_optimizers_fn: Callable[..., Any] = build_optimizers
     build_lr_schedulers_fn: Callable[..., Any] = build_lr_schedulers

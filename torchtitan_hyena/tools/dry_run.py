@@ -43,11 +43,12 @@ from torchtitan_hyena.tools.logging import init_logger, logger
 from torchtitan_hyena.tools.world_size import required_world_size
 
 GIB = 2**30
-# Device memory as the driver reports it (rocm-smi / nvidia-smi MiB): one MI250X GCD, H100 80GB, H200 141GB.
-DEVICE_MEMORY_GIB = {"mi250x": 65520 / 1024, "h100": 81559 / 1024, "h200": 143771 / 1024}
+# Device memory as the driver reports it (rocm-smi / nvidia-smi MiB): one MI250X GCD, MI300X, H100 80GB, H200 141GB.
+DEVICE_MEMORY_GIB = {"mi250x": 65520 / 1024, "mi300x": 196592 / 1024, "h100": 81559 / 1024, "h200": 143771 / 1024}
 # What the float8 gate sees for each target: the dry run judges the device the job will run on.
 TARGET_ACCELERATORS = {
     "mi250x": Accelerator("rocm", "AMD Instinct MI250X", gfx_arch="gfx90a"),
+    "mi300x": Accelerator("rocm", "AMD Instinct MI300X", gfx_arch="gfx942"),
     "h100": Accelerator("cuda", "NVIDIA H100", capability=(9, 0)),
     "h200": Accelerator("cuda", "NVIDIA H200", capability=(9, 0)),
 }
@@ -61,8 +62,8 @@ HELP = """top-level flags (not config keys):
                        model, output folders, the checkpoint to seed from) in this one process, then exit; what
                        run_train.sh and the Frontier job scripts run before launching
   --world_size N       world size for --dry_run/--check (default: the product of the config's parallel degrees)
-  --device NAME|GiB    --dry_run: memory budget for the verdict: mi250x (one GCD, default), h100, h200, or a number
-                       of GiB; --check: the device to judge (default: this machine's)"""
+  --device NAME|GiB    --dry_run: memory budget for the verdict: mi250x (one GCD, default), mi300x, h100, h200,
+                       or a number of GiB; --check: the device to judge (default: this machine's)"""
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -255,50 +256,63 @@ def dry_run(config: JobConfig, world_size: int | None = None, device: str = "mi2
     return report
 
 
+def fsdp_buffer_bytes(c: JobConfig, units: list[int]) -> int:
+    """FSDP's gather/reduce buffers from the gathered sizes of the rank's units: the largest unit gathered, one
+    more prefetched, and its gradients before reduce-scatter; with resharding off (or pipeline parallelism, where
+    "default" means off), every unit stays gathered."""
+    p = c.parallelism
+    gathered, reduce = DTYPES[c.training.mixed_precision_param].itemsize, 4
+    pipeline = p.pipeline_parallel_degree > 1
+    never = p.fsdp_reshard_after_forward == "never" or (pipeline and p.fsdp_reshard_after_forward == "default")
+    if units and never:
+        return sum(units) * gathered + max(units) * (gathered + reduce)
+    if units:
+        return max(units) * (2 * gathered + gathered + reduce)
+    return 0
+
+
+def activation_inputs(c: JobConfig, pp_rank: int, blocks: tuple[int, ...], n_stages: int) -> ActivationInputs:
+    """What the family's activation model needs for pipeline rank ``pp_rank`` holding ``blocks`` of the model."""
+    p, t, ac = c.parallelism, c.training, c.activation_checkpoint
+    pp, microbatch, pipeline = p.pipeline_parallel_degree, t.local_batch_size, {}
+    if pp > 1:
+        microbatch = p.pipeline_parallel_microbatch_size
+        pipeline = dict(
+            blocks=blocks,
+            head=pp_rank == (n_stages - 1) % pp,
+            in_flight=in_flight_microbatches(
+                p.pipeline_parallel_schedule, pp_rank, pp, t.local_batch_size // microbatch, n_stages // pp
+            ),
+        )
+    return ActivationInputs(
+        microbatch=microbatch,
+        seq_len=t.seq_len,
+        tp=p.tensor_parallel_degree,
+        cp=p.context_parallel_degree,
+        act_bytes=DTYPES[t.mixed_precision_param].itemsize,
+        ac_mode=ac.mode,
+        ac_option=ac.selective_ac_option,
+        loss_parallel=p.tensor_parallel_degree > 1 and p.enable_loss_parallel,
+        cp_rotate=p.context_parallel_rotate_method,
+        **pipeline,
+    )
+
+
 def _rank_report(
     s: build.Setup, parts: list[nn.Module], pp_rank: int, n_stages: int, nparams: int, device: str
 ) -> MemoryReport:
     """The memory of the (first) rank of pipeline rank ``pp_rank``, which holds ``parts`` (the whole model without
     pipeline parallelism)."""
-    c, p, pd = s.config, s.config.parallelism, s.parallel_dims
+    c, pd = s.config, s.parallel_dims
     param_bytes = sum(_local_bytes(q) for part in parts for q in part.parameters())
     trained_bytes = sum(_local_bytes(q) for part in parts for q in part.parameters() if q.requires_grad)  # LoRA
     units = [n for part in parts for n in _fsdp_unit_numels(part, pd.dp_shard * pd.cp)]
-    gathered, reduce = DTYPES[c.training.mixed_precision_param].itemsize, 4
-    never = p.fsdp_reshard_after_forward == "never" or (pd.pp_enabled and p.fsdp_reshard_after_forward == "default")
-    if units and never:
-        buffers = sum(units) * gathered + max(units) * (gathered + reduce)
-    elif units:
-        buffers = max(units) * (2 * gathered + gathered + reduce)
-    else:
-        buffers = 0
+    buffers = fsdp_buffer_bytes(c, units)
     activations = None
     estimator = s.spec.activation_estimator
     if estimator is not None:
-        ac, t = c.activation_checkpoint, c.training
-        microbatch, pipeline = t.local_batch_size, {}
-        if pd.pp_enabled:
-            microbatch = p.pipeline_parallel_microbatch_size
-            pipeline = dict(
-                blocks=tuple(int(n) for part in parts for n in part.layers),
-                head=pp_rank == (n_stages - 1) % pd.pp,
-                in_flight=in_flight_microbatches(
-                    p.pipeline_parallel_schedule, pp_rank, pd.pp, t.local_batch_size // microbatch, n_stages // pd.pp
-                ),
-            )
-        inputs = ActivationInputs(
-            microbatch=microbatch,
-            seq_len=t.seq_len,
-            tp=pd.tp,
-            cp=pd.cp,
-            act_bytes=DTYPES[t.mixed_precision_param].itemsize,
-            ac_mode=ac.mode,
-            ac_option=ac.selective_ac_option,
-            loss_parallel=pd.tp_enabled and p.enable_loss_parallel,
-            cp_rotate=p.context_parallel_rotate_method,
-            **pipeline,
-        )
-        activations = estimator(s.model_args, inputs)
+        blocks = tuple(int(n) for part in parts for n in part.layers)
+        activations = estimator(s.model_args, activation_inputs(c, pp_rank, blocks, n_stages))
     elif pp_rank == 0:
         logger.warning(f"no activation model for {c.model.name}; the verdict covers everything else")
     mesh = pd.world_mesh

@@ -99,7 +99,7 @@ def test_lora_counts_gradients_and_optimizer_state_of_the_adapters_only():
     [
         (["--world_size", "8"], "--world_size only apply with --dry_run"),
         (["--dry_run", "--world_size", "eight"], "--world_size expects a positive integer"),
-        (["--dry_run", "--device", "tpu"], "--device must be one of mi250x, h100, h200"),
+        (["--dry_run", "--device", "tpu"], "--device must be one of mi250x, mi300x, h100, h200"),
         (["--dry_run", "--world_size"], "--world_size needs a value"),
     ],
 )

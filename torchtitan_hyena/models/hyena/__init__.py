@@ -6,6 +6,7 @@ from torchtitan_hyena.models.hyena.from_llama import HybridFromLlama
 from torchtitan_hyena.models.hyena.model import StripedHyena
 from torchtitan_hyena.models.hyena.parallelize import HYENA_PLAN, validate_hyena_parallelism
 from torchtitan_hyena.models.hyena.state_dict_adapter import VortexAdapter
+from torchtitan_hyena.models.hyena.traffic import hyena_traffic
 from torchtitan_hyena.protocols.train_spec import TrainSpec, register_train_spec
 
 register_train_spec(
@@ -20,5 +21,6 @@ register_train_spec(
         parallelize_plan=HYENA_PLAN,
         validate_fn=validate_hyena_parallelism,
         activation_estimator=hyena_activations,
+        traffic_estimator=hyena_traffic,
     )
 )

@@ -1,0 +1,91 @@
+"""The planner's predictions against what the code does: one 4-rank gloo job measures step 2 of four layouts
+(``tests/helpers/plan_measure.py``: every collective counted by ``distributed/comm_counter.py``, peak tensor
+memory by torch's MemTracker) and the planner predicts the same step from its census.
+
+* Bytes: every collective of every mesh dimension within 5% (only the scalar loss / grad-norm all-reduces, a few
+  bytes, are not modelled).
+* Peak memory: the dry run's model (which the planner uses) must not under-predict by more than 5% and, being a
+  conservative model (every gradient counted at the backward peak, no fusion), stays within +30%.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, TINY, env
+from torchtitan_hyena.config import ConfigManager
+from torchtitan_hyena.tools.dry_run import target_accelerator
+from torchtitan_hyena.tools.planner.census import take_census
+from torchtitan_hyena.tools.planner.memory import rank_memory
+from torchtitan_hyena.tools.planner.search import global_batch_of
+from torchtitan_hyena.tools.planner.traffic import step_traffic
+
+pytestmark = pytest.mark.slow
+
+HYENA = ["--job.config_file", str(REPO / "train_configs" / "debug_hyena.toml")]
+SHORT = ["--training.seq_len", "64", "--training.steps", "2"]
+LAYOUTS = {
+    "llama fsdp 2 x tp 2": ["--parallelism.data_parallel_shard_degree", "2",
+                            "--parallelism.tensor_parallel_degree", "2"],
+    "hybrid fsdp 2 x tp 2": [*HYENA, "--parallelism.data_parallel_shard_degree", "2",
+                             "--parallelism.tensor_parallel_degree", "2"],
+    "hybrid fsdp 2 x cp 2": [*HYENA, "--parallelism.data_parallel_shard_degree", "2",
+                             "--parallelism.context_parallel_degree", "2"],
+    "llama pp 2 x fsdp 2": ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree",
+                            "2", "--parallelism.pipeline_parallel_schedule", "GPipe"],
+}  # fmt: skip
+SCALARS = 100  # bytes: loss, token count and grad-norm all-reduces
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("planner")
+    runs = [[*TINY, *args, *SHORT, "--job.dump_folder", str(tmp / str(i))] for i, args in enumerate(LAYOUTS.values())]
+    (tmp / "runs.json").write_text(json.dumps(runs))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+           "-m", "tests.helpers.plan_measure", str(tmp / "out.json"), str(tmp / "runs.json")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return dict(zip(LAYOUTS, json.loads((tmp / "out.json").read_text()), strict=True)), runs
+
+
+def _config(runs, name):
+    return ConfigManager().parse_args(runs[list(LAYOUTS).index(name)])
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_predicted_collective_bytes_match_the_counted_ones(measured, name):
+    records, runs = measured
+    config = _config(runs, name)
+    census = take_census(config, target_accelerator("mi250x"))
+    pp = config.parallelism.pipeline_parallel_degree
+    for rank, record in enumerate(records[name]):
+        pp_rank = rank // (4 // pp)
+        predicted = step_traffic(census, config, pp_rank, global_batch_of(config, 4))
+        fsdp = (
+            "dp_shard_cp" if config.parallelism.context_parallel_degree > 1 else "dp_shard"
+        )  # as the counter names it
+        counted = {
+            key.replace(f"{fsdp}/", "dp_shard_cp/"): v["bytes"]
+            for key, v in record["collectives"].items()
+            if v["bytes"] > SCALARS and not key.endswith("/recv")
+        }
+        assert set(counted) == set(predicted), (name, rank, counted, dict(predicted))
+        for key, nbytes in counted.items():
+            assert predicted[key] == pytest.approx(nbytes, rel=0.05), (name, rank, key, predicted[key], nbytes)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_predicted_peak_memory_bounds_the_measured_peak(measured, name):
+    records, runs = measured
+    config = _config(runs, name)
+    census = take_census(config, target_accelerator("mi250x"))
+    pp = config.parallelism.pipeline_parallel_degree
+    for rank, record in enumerate(records[name]):
+        predicted = rank_memory(census, config, rank // (4 // pp), device_bytes=0)["total"]  # no runtime reserve
+        ratio = predicted / record["peak_bytes"]
+        assert 0.95 <= ratio <= 1.30, (name, rank, predicted, record["peak_bytes"], record["peak_breakdown"])
