@@ -29,6 +29,7 @@ class ActivationInputs:
     ac_option: str
     loss_parallel: bool
     cp_rotate: str = "allgather"  # allgather keeps the whole sequence's K/V per attention layer, ring one block
+    cp_mr_method: str = "halo"  # hyena: Hyena-MR by halo exchange or all-to-all
     blocks: tuple[int, ...] | None = None  # pipeline: the blocks this rank holds (None: all)
     head: bool = True  # pipeline: this rank holds the last stage (final norm, head, loss)
     in_flight: float = 1.0  # pipeline: microbatches whose saved activations are alive at once

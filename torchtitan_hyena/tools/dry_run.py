@@ -14,6 +14,12 @@ node. Memory per rank (rank 0 holds the largest shards) is then:
   torch.compile fusion is assumed, so it errs high;
 * a runtime reserve of 10 % of the device (HIP/CUDA context, RCCL buffers, allocator fragmentation).
 
+Gradients are freed before each step's forward (``zero_grad(set_to_none=True)``) and FSDP's sharded gradients
+appear as backward proceeds, while activations are freed: the peak is at the start of backward (buffers and
+activations) or at the optimizer step (gradients), whichever is larger (:func:`peak_bytes`), unless gradient
+accumulation keeps the earlier microbatches' gradients through the later backwards. The small CPU runs of
+``tests/integration/test_planner.py`` hold this against the live tensors torch's MemTracker sees.
+
 Under pipeline parallelism every stage is built (on meta) and each pipeline rank is sized with its own stages'
 shards and activations: its blocks, the head on the last stage, and the microbatches its schedule keeps in flight
 (``tools/activation_memory.in_flight_microbatches``); the report is the fullest pipeline rank's, with a line per rank.
@@ -151,10 +157,7 @@ class MemoryReport:
     device: str
     device_bytes: int
     pipeline_totals: tuple[int, ...] = ()  # total bytes of each pipeline rank (the report is the fullest one's)
-
-    @property
-    def state_bytes(self) -> int:
-        return 0 if self.offloaded else self.param_bytes + self.grad_bytes + self.optimizer_bytes
+    grads_in_peak: bool = False  # gradient accumulation: earlier microbatches' gradients live through backward
 
     @property
     def reserve_bytes(self) -> int:
@@ -163,7 +166,10 @@ class MemoryReport:
     @property
     def total_bytes(self) -> int:
         act = self.activations.peak if self.activations is not None else 0
-        return self.state_bytes + self.fsdp_buffer_bytes + act + self.reserve_bytes
+        return peak_bytes(
+            self.param_bytes, self.grad_bytes, self.optimizer_bytes, self.fsdp_buffer_bytes + act,
+            grads_in_peak=self.grads_in_peak, offloaded=self.offloaded,
+        ) + self.reserve_bytes  # fmt: skip
 
     @property
     def fits(self) -> bool:
@@ -181,6 +187,15 @@ class MemoryReport:
             ["FSDP gather/reduce buffers", self.fsdp_buffer_bytes],
             ["activations saved by forward (in the peak)", act.saved if act else None],
             ["activations at their peak (backward)", act.peak if act else None],
+            [
+                "peak: parameters + optimizer + "
+                + (
+                    "gradients + buffers + activations"
+                    if self.grads_in_peak
+                    else "max(gradients, buffers + activations)"
+                ),
+                self.total_bytes - self.reserve_bytes,
+            ],
             [f"runtime reserve ({RESERVE_FRACTION:.0%} of device)", self.reserve_bytes],
             ["total on device", self.total_bytes],
         ]
@@ -256,6 +271,17 @@ def dry_run(config: JobConfig, world_size: int | None = None, device: str = "mi2
     return report
 
 
+def peak_bytes(params: int, grads: int, optimizer: int, transient: int, *, grads_in_peak: bool, offloaded: bool) -> int:
+    """Peak bytes without the reserve: parameters and optimizer state always; gradients and the backward's
+    ``transient`` bytes (FSDP buffers + activations) together only when gradient accumulation keeps gradients
+    through a backward, otherwise the larger of the two (see module doc). Offloaded state lives on the host."""
+    if offloaded:
+        return transient
+    if grads_in_peak:
+        return params + optimizer + grads + transient
+    return params + optimizer + max(grads, transient)
+
+
 def fsdp_buffer_bytes(c: JobConfig, units: list[int]) -> int:
     """FSDP's gather/reduce buffers from the gathered sizes of the rank's units: the largest unit gathered, one
     more prefetched, and its gradients before reduce-scatter; with resharding off (or pipeline parallelism, where
@@ -294,6 +320,7 @@ def activation_inputs(c: JobConfig, pp_rank: int, blocks: tuple[int, ...], n_sta
         ac_option=ac.selective_ac_option,
         loss_parallel=p.tensor_parallel_degree > 1 and p.enable_loss_parallel,
         cp_rotate=p.context_parallel_rotate_method,
+        cp_mr_method=p.context_parallel_mr_method,
         **pipeline,
     )
 
@@ -329,6 +356,7 @@ def _rank_report(
         fsdp_buffer_bytes=buffers,
         activations=activations,
         offloaded=c.training.enable_cpu_offload,
+        grads_in_peak=s.global_batch > c.training.local_batch_size * pd.dp_degree,
         device=device,
         device_bytes=int(device_budget_gib(device) * GIB),
     )

@@ -17,8 +17,6 @@ from torchtitan_hyena.tools.comm_model import (
     vocab_parallel_head,
 )
 
-FEATURIZER_TAPS = 3  # the short depthwise conv on the 3D projection of every Hyena block
-
 
 def hyena_traffic(args: HyenaArgs, s: TrafficInputs) -> ModelTraffic:
     """Every block is sequence parallel. Under CP, attention blocks as Llama's; Hyena blocks exchange the
@@ -31,7 +29,7 @@ def hyena_traffic(args: HyenaArgs, s: TrafficInputs) -> ModelTraffic:
         if kind == "*":
             m = m + attention_cp(s, d)
         else:
-            m = m + halo(s, 3 * d, FEATURIZER_TAPS - 1)
+            m = m + halo(s, 3 * d, args.short_filter_len - 1)
             m = m + _filter_cp(args, s, kind)
         blocks.append(m)
     tied = args.tie_embeddings

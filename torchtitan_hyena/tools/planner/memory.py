@@ -18,6 +18,7 @@ from torchtitan_hyena.tools.dry_run import (
     RESERVE_FRACTION,
     activation_inputs,
     fsdp_buffer_bytes,
+    peak_bytes,
 )
 from torchtitan_hyena.tools.planner.census import Census
 
@@ -33,8 +34,11 @@ def uses_fsdp(config: JobConfig) -> bool:
     return p.data_parallel_replicate_degree > 1 or fsdp_degree(config) > 1
 
 
-def rank_memory(census: Census, config: JobConfig, pp_rank: int, device_bytes: int) -> dict[str, int]:
-    """Bytes of each memory term on (the first rank of) pipeline rank ``pp_rank``; ``total`` sums them."""
+def rank_memory(
+    census: Census, config: JobConfig, pp_rank: int, device_bytes: int, global_batch: int
+) -> dict[str, int]:
+    """Bytes of each memory term on (the first rank of) pipeline rank ``pp_rank``; ``total`` is their peak
+    (``dry_run.peak_bytes``) plus the reserve."""
     p = config.parallelism
     tp, fsdp = p.tensor_parallel_degree, fsdp_degree(config)
     params = census.rank_params(config, pp_rank)
@@ -56,22 +60,28 @@ def rank_memory(census: Census, config: JobConfig, pp_rank: int, device_bytes: i
     if census.spec.activation_estimator is not None:
         inputs = activation_inputs(config, pp_rank, tuple(blocks), n_stages)
         activations = census.spec.activation_estimator(census.model_args, inputs).peak
-    offloaded = config.training.enable_cpu_offload
-    state = 0 if offloaded else param_bytes + trained * (1 + OPTIMIZER_STATES.get(config.optimizer.name, 2))
     terms = {
-        "state": state,
+        "parameters": param_bytes,
+        "gradients": trained,
+        "optimizer": trained * OPTIMIZER_STATES.get(config.optimizer.name, 2),
         "fsdp_buffers": buffers,
         "activations": activations,
         "reserve": int(RESERVE_FRACTION * device_bytes),
     }
-    terms["total"] = sum(terms.values())
+    dp = p.data_parallel_replicate_degree * p.data_parallel_shard_degree
+    peak = peak_bytes(
+        param_bytes, trained, terms["optimizer"], buffers + activations,
+        grads_in_peak=global_batch > config.training.local_batch_size * dp,
+        offloaded=config.training.enable_cpu_offload,
+    )  # fmt: skip
+    terms["total"] = peak + terms["reserve"]
     return terms
 
 
-def peak_memory(census: Census, config: JobConfig, device_bytes: int) -> dict[str, int]:
+def peak_memory(census: Census, config: JobConfig, device_bytes: int, global_batch: int) -> dict[str, int]:
     """The fullest pipeline rank's memory terms (see :func:`rank_memory`)."""
     ranks = range(config.parallelism.pipeline_parallel_degree)
-    return max((rank_memory(census, config, r, device_bytes) for r in ranks), key=lambda m: m["total"])
+    return max((rank_memory(census, config, r, device_bytes, global_batch) for r in ranks), key=lambda m: m["total"])
 
 
 def gib(nbytes: float) -> float:

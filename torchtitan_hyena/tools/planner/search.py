@@ -130,10 +130,10 @@ def evaluate(
         build.validate(c, ParallelDims.from_config(c.parallelism, world), target, files=False)
     except ConfigError as e:
         return str(e)
-    memory = peak_memory(census, c, profile.device_bytes)
+    batch = global_batch_of(c, world)
+    memory = peak_memory(census, c, profile.device_bytes, batch)
     if memory["total"] > profile.device_bytes:
         return "memory"
-    batch = global_batch_of(c, world)
     time = step_time(census, c, profile, batch)
     tokens = batch * c.training.seq_len / time.seconds / world
     mfu = census.flops_per_token * tokens / (profile.peak_tflops * 1e12)

@@ -40,7 +40,7 @@ def test_planner_memory_is_the_dry_runs(name):
     config = ConfigManager().parse_args(LAYOUTS[name])
     census = take_census(config, target_accelerator("mi250x"))
     report = dry_run(config, device="mi250x")
-    predicted = peak_memory(census, config, report.device_bytes)
+    predicted = peak_memory(census, config, report.device_bytes, global_batch_of(config, report.world_size))
     assert predicted["total"] == pytest.approx(report.total_bytes, rel=0.01)
 
 
