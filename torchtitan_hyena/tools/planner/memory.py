@@ -59,7 +59,10 @@ def rank_memory(
     activations = 0
     if census.spec.activation_estimator is not None:
         inputs = activation_inputs(config, pp_rank, tuple(blocks), n_stages)
-        activations = census.spec.activation_estimator(census.model_args, inputs).peak
+        if ("activations", inputs) not in census.cache:
+            estimate = census.spec.activation_estimator(census.model_args, inputs)
+            census.cache["activations", inputs] = estimate.peak
+        activations = census.cache["activations", inputs]
     terms = {
         "parameters": param_bytes,
         "gradients": trained,

@@ -50,7 +50,10 @@ class Candidate:
 
 
 def with_overrides(config: JobConfig, overrides: dict[str, Any]) -> JobConfig:
-    c = copy.deepcopy(config)
+    """A copy of ``config`` with ``overrides`` set; the sections it changes are copied, the rest shared."""
+    c = copy.copy(config)
+    for section in {key.split(".")[0] for key in overrides}:
+        setattr(c, section, copy.copy(getattr(config, section)))
     for key, value in overrides.items():
         section, name = key.split(".")
         setattr(getattr(c, section), name, value)
@@ -121,8 +124,10 @@ def evaluate(
     census: Census, config: JobConfig, overrides: dict[str, Any], world: int, profile: Profile, target: Accelerator
 ) -> Candidate | str:
     """The candidate's predictions, or why it was discarded (the check's one line, or "memory")."""
-    c = with_overrides(config, overrides)
+    c = with_overrides(config, {"parallelism.data_parallel_shard_degree": None, **overrides})
     p = c.parallelism
+    if p.data_parallel_shard_degree is None:
+        p.data_parallel_shard_degree = config.parallelism.data_parallel_shard_degree
     if p.data_parallel_shard_degree == -1:  # the ranks left over, as a launch resolves it
         rest = p.pipeline_parallel_degree * p.data_parallel_replicate_degree * p.context_parallel_degree
         p.data_parallel_shard_degree = max(1, world // (rest * p.tensor_parallel_degree))

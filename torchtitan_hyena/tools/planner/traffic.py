@@ -73,24 +73,35 @@ def step_traffic(census: Census, config: JobConfig, pp_rank: int, global_batch: 
     passes, microbatches = micro_passes(config, dp, global_batch)
     blocks, first, last = census.stage_blocks(config, pp_rank)
     out: Bytes = Counter()
-    estimator = census.spec.traffic_estimator
-    if estimator is not None:
-        model = estimator(census.model_args, traffic_inputs(config))
-        again = recomputed(config, blocks)
-        pass_bytes: Bytes = Counter()
-        for b in blocks:
-            m = model.blocks[b]
-            pass_bytes += m.forward + m.backward + (m.forward if b in again else Counter())
-        for held, m in ((first, model.first), (last, model.last)):
-            if held:
-                pass_bytes += m.forward + m.backward
-        for key, value in pass_bytes.items():
+    if census.spec.traffic_estimator is not None:
+        for key, value in _pass_traffic(census, config, tuple(blocks), first, last).items():
             out[key] += value * passes
     if uses_fsdp(config):
         out += _fsdp_traffic(census, config, pp_rank, passes if pp == 1 else passes // microbatches)
     if pp > 1:
         out += _pipeline_traffic(census, config, pp_rank, passes)
     return +out
+
+
+def _pass_traffic(census: Census, config: JobConfig, blocks: tuple[int, ...], first: bool, last: bool) -> Bytes:
+    """TP/CP bytes of one forward + backward of ``blocks`` (and the embedding / head when held), from the family's
+    estimator; the search asks for the same inputs many times, so results are kept on the census."""
+    inputs = traffic_inputs(config)
+    again = tuple(sorted(recomputed(config, blocks)))
+    key = ("pass", inputs, blocks, first, last, again)
+    if key not in census.cache:
+        if ("model", inputs) not in census.cache:
+            census.cache["model", inputs] = census.spec.traffic_estimator(census.model_args, inputs)
+        model = census.cache["model", inputs]
+        total: Bytes = Counter()
+        for b in blocks:
+            m = model.blocks[b]
+            total += m.forward + m.backward + (m.forward if b in again else Counter())
+        for held, m in ((first, model.first), (last, model.last)):
+            if held:
+                total += m.forward + m.backward
+        census.cache[key] = total
+    return census.cache[key]
 
 
 def _fsdp_traffic(census: Census, config: JobConfig, pp_rank: int, reductions: int) -> Bytes:
