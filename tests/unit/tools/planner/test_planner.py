@@ -50,7 +50,8 @@ def test_search_keeps_only_layouts_that_run_and_fit():
     census = take_census(config, target)
     ranked, rejected = search(census, config, 8, profile, target)
     assert ranked and sum(rejected.values()) > 0
-    assert [c.time.seconds for c in ranked] == sorted(c.time.seconds for c in ranked)
+    times = [c.time.seconds for c in ranked]
+    assert all(a <= b + 1e-6 for a, b in zip(times, times[1:]))  # fastest first (ties: less memory first)
     for c in ranked[:3]:
         assert dry_run(c.config, 8, "h100").fits
         assert global_batch_of(c.config, 8) == global_batch_of(config, 8)
