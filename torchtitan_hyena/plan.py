@@ -102,7 +102,8 @@ def toml_text(config: JobConfig) -> str:
     return tomli_w.dumps(out)
 
 
-def run(config: JobConfig, flags: argparse.Namespace) -> list[Candidate]:
+def run(config: JobConfig, flags: argparse.Namespace) -> tuple[list[Candidate], Candidate | str]:
+    """Plan, print, and (``--write``) write; returns the ranked layouts and the job's own (or why it cannot run)."""
     init_logger()
     profile = load_profile(flags.device, flags.profile)
     target = target_accelerator(flags.device)
@@ -118,11 +119,10 @@ def run(config: JobConfig, flags: argparse.Namespace) -> list[Candidate]:
         own_world = required_world_size(config)
     except ConfigError:
         own_world = world
+    own: Candidate | str = f"the job's layout needs {own_world} devices, not {world}"
     if own_world == world:
         own = evaluate(census, config, {}, world, profile, target)
-        rows.append(row("job", own) if isinstance(own, Candidate) else ["job", f"does not run: {own}"])
-    else:
-        rows.append(["job", f"the job's layout needs {own_world} devices, not {world}"])
+    rows.append(row("job", own) if isinstance(own, Candidate) else ["job", f"does not run: {own}"])
     print(tabulate(rows, headers=HEADERS, disable_numparse=True), flush=True)
     if not ranked:
         raise ConfigError(
@@ -132,13 +132,18 @@ def run(config: JobConfig, flags: argparse.Namespace) -> list[Candidate]:
     best = _verified(ranked, world, flags.device)
     text = toml_text(best.config)
     print("\noverrides:", " ".join(f"--{k} {_cli(v)}" for k, v in best.overrides.items()), flush=True)
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in best.overrides.items():
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = value
+    print(f"\nas TOML:\n{tomli_w.dumps(sections)}", flush=True)
     if flags.write:
         out = Path(flags.write)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         tmp.write_text(f"# planned by: python -m torchtitan_hyena.plan {' '.join(sys.argv[1:])}\n{text}")
         tmp.replace(out)
         print(f"wrote {out}", flush=True)
-    return ranked
+    return ranked, own
 
 
 def _verified(ranked: list[Candidate], world: int, device: str) -> Candidate:

@@ -1,10 +1,10 @@
 """Enumerate layouts for a world size, discard those that cannot run or fit, rank the rest by predicted step time.
 
 A candidate is the job's config with its layout replaced: data-parallel replicate x shard, TP, CP (and its
-attention / Hyena-MR methods), PP (schedule, one-sequence microbatches), activation checkpointing and the local
-batch (the global batch stays the job's; gradient accumulation makes up the difference). It is discarded when
-the project's own checks reject it (``build.validate``, as a launch would) or when the dry run's memory model
-(``memory.py``) exceeds the device; the rest are ranked by ``step_time.py``.
+attention / Hyena-MR methods), PP (schedule, microbatch size; at least one microbatch per stage), activation
+checkpointing and the local batch (the global batch stays the job's; gradient accumulation makes up the
+difference). It is discarded when the project's own checks reject it (``build.validate``, as a launch would) or
+when the dry run's memory model (``memory.py``) exceeds the device; the rest are ranked by ``step_time.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from torchtitan_hyena.tools.planner.step_time import StepTime, step_time
 POWERS = (1, 2, 4, 8, 16, 32, 64, 128)
 AC_MODES = (("none", "2"), ("selective", "op"), ("full", "2"))
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B")
+MICROBATCHES = (1, 2, 4)  # sequences per pipeline microbatch
+NO_FIT = "does not fit"
 
 
 @dataclass
@@ -108,12 +110,14 @@ def layouts(config: JobConfig, world: int, gpus_per_node: int, n_layers: int) ->
                     if pp == 1:
                         yield {**base, **cp_keys}
                         continue
-                    for schedule in SCHEDULES:
+                    for schedule, microbatch in itertools.product(SCHEDULES, MICROBATCHES):
+                        if local % microbatch or local // microbatch < pp:
+                            continue
                         yield {
                             **base,
                             **cp_keys,
                             "parallelism.pipeline_parallel_schedule": schedule,
-                            "parallelism.pipeline_parallel_microbatch_size": 1,
+                            "parallelism.pipeline_parallel_microbatch_size": microbatch,
                             "parallelism.pipeline_parallel_split_points": [],
                             "parallelism.pipeline_parallel_layers_per_stage": -1,
                             "validation.enable": False,
@@ -123,7 +127,7 @@ def layouts(config: JobConfig, world: int, gpus_per_node: int, n_layers: int) ->
 def evaluate(
     census: Census, config: JobConfig, overrides: dict[str, Any], world: int, profile: Profile, target: Accelerator
 ) -> Candidate | str:
-    """The candidate's predictions, or why it was discarded (the check's one line, or "memory")."""
+    """The candidate's predictions, or why it was discarded (the check's one line, or "does not fit: ...")."""
     c = with_overrides(config, {"parallelism.data_parallel_shard_degree": None, **overrides})
     p = c.parallelism
     if p.data_parallel_shard_degree is None:
@@ -138,7 +142,7 @@ def evaluate(
     batch = global_batch_of(c, world)
     memory = peak_memory(census, c, profile.device_bytes, batch)
     if memory["total"] > profile.device_bytes:
-        return "memory"
+        return f"{NO_FIT}: {memory['total'] / 2**30:.1f} of {profile.memory_gib:.1f} GiB"
     time = step_time(census, c, profile, batch)
     tokens = batch * c.training.seq_len / time.seconds / world
     mfu = census.flops_per_token * tokens / (profile.peak_tflops * 1e12)
@@ -154,7 +158,7 @@ def search(
     for overrides in layouts(config, world, profile.gpus_per_node, census.n_layers):
         result = evaluate(census, config, overrides, world, profile, target)
         if isinstance(result, str):
-            rejected["does not fit in memory" if result == "memory" else "rejected by the layout checks"] += 1
+            rejected["do not fit in memory" if result.startswith(NO_FIT) else "rejected by the layout checks"] += 1
             continue
         # Options the model does not use (e.g. the Hyena-MR method for Llama) predict the same: keep one.
         key = (result.layout, result.memory["total"], round(result.time.seconds, 9), _pipeline(result.config))

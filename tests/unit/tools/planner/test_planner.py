@@ -3,12 +3,14 @@ its CLI writes a config that the dry run accepts; bad flags are one line."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import REPO, env
+from torchtitan_hyena import plan
 from torchtitan_hyena.config import ConfigManager
 from torchtitan_hyena.tools.dry_run import GIB, dry_run, target_accelerator
 from torchtitan_hyena.tools.planner.census import take_census
@@ -16,6 +18,7 @@ from torchtitan_hyena.tools.planner.memory import peak_memory
 from torchtitan_hyena.tools.planner.profiles import PROFILES, load_profile
 from torchtitan_hyena.tools.planner.search import evaluate, global_batch_of, search
 from torchtitan_hyena.tools.planner.step_time import step_time
+from torchtitan_hyena.tools.world_size import required_world_size
 
 LLAMA = ["--job.config_file", str(REPO / "train_configs" / "debug_model.toml")]
 HYENA = ["--job.config_file", str(REPO / "train_configs" / "debug_hyena.toml"), "--validation.enable", "false"]
@@ -115,3 +118,18 @@ def test_bad_flags_are_one_line(args, message):
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert GIB > 0
+
+
+FULL_SCALE = sorted(p.stem for p in (REPO / "train_configs").glob("*.toml") if not p.stem.startswith("debug"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FULL_SCALE)
+def test_best_layout_of_every_full_scale_config_passes_the_full_size_dry_run(name, capsys):
+    """At the config's own node count; the planner itself dry-runs its best layout and fails if it does not fit."""
+    config = ConfigManager().parse_args(["--job.config_file", str(REPO / "train_configs" / f"{name}.toml")])
+    nodes = required_world_size(config) // PROFILES["mi250x"].gpus_per_node
+    ranked, own = plan.run(config, argparse.Namespace(nodes=nodes, device="mi250x", top=1, write="", profile=""))
+    assert "verdict: FITS" in capsys.readouterr().out
+    assert not isinstance(own, str), own  # the hand-set layout runs and fits too
+    assert ranked[0].time.seconds <= own.time.seconds
