@@ -1,6 +1,7 @@
-"""The planner's predictions against what the code does: one 4-rank gloo job measures step 2 of four layouts
-(``tests/helpers/plan_measure.py``: every collective counted by ``distributed/comm_counter.py``, peak tensor
-memory by torch's MemTracker) and the planner predicts the same step from its census.
+"""The planner's predictions against what the code does: one 4-rank gloo job measures step 2 of six layouts (TP,
+CP and PP with FSDP, for each family; ``tests/helpers/plan_measure.py``: every collective counted by
+``distributed/comm_counter.py``, peak tensor memory by torch's MemTracker) and the planner predicts the same step
+from its census.
 
 * Bytes: every collective of every mesh dimension within 5% (only the scalar loss / grad-norm all-reduces, a few
   bytes, are not modelled).
@@ -37,6 +38,11 @@ LAYOUTS = {
                              "--parallelism.context_parallel_degree", "2"],
     "llama pp 2 x fsdp 2": ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree",
                             "2", "--parallelism.pipeline_parallel_schedule", "GPipe"],
+    "llama fsdp 2 x cp 2": ["--parallelism.data_parallel_shard_degree", "2",
+                            "--parallelism.context_parallel_degree", "2"],
+    "hybrid pp 2 x fsdp 2": [*HYENA, "--parallelism.pipeline_parallel_degree", "2",
+                             "--parallelism.data_parallel_shard_degree", "2",
+                             "--parallelism.pipeline_parallel_schedule", "1F1B"],
 }  # fmt: skip
 SCALARS = 100  # bytes: loss, token count and grad-norm all-reduces
 

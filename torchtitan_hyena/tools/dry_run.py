@@ -284,17 +284,20 @@ def peak_bytes(params: int, grads: int, optimizer: int, transient: int, *, grads
 
 def fsdp_buffer_bytes(c: JobConfig, units: list[int]) -> int:
     """FSDP's gather/reduce buffers from the gathered sizes of the rank's units: the largest unit gathered, one
-    more prefetched, and its gradients before reduce-scatter; with resharding off (or pipeline parallelism, where
-    "default" means off), every unit stays gathered."""
+    more prefetched, and its gradients before reduce-scatter; with resharding off, every unit stays gathered. Under
+    pipeline parallelism the schedule reduces gradients once, after the last microbatch (when the activations are
+    gone), so every unit's unsharded gradients accumulate until then, next to its parameters, gathered for the step
+    ("default" means no resharding there) or one unit at a time ("always")."""
+    if not units:
+        return 0
     p = c.parallelism
     gathered, reduce = DTYPES[c.training.mixed_precision_param].itemsize, 4
-    pipeline = p.pipeline_parallel_degree > 1
-    never = p.fsdp_reshard_after_forward == "never" or (pipeline and p.fsdp_reshard_after_forward == "default")
-    if units and never:
+    if p.pipeline_parallel_degree > 1:
+        params = max(units) * 2 * gathered if p.fsdp_reshard_after_forward == "always" else sum(units) * gathered
+        return params + sum(units) * gathered
+    if p.fsdp_reshard_after_forward == "never":
         return sum(units) * gathered + max(units) * (gathered + reduce)
-    if units:
-        return max(units) * (2 * gathered + gathered + reduce)
-    return 0
+    return max(units) * (2 * gathered + gathered + reduce)
 
 
 def activation_inputs(c: JobConfig, pp_rank: int, blocks: tuple[int, ...], n_stages: int) -> ActivationInputs:

@@ -79,6 +79,7 @@ class Census:
     head_flops: float  # the last stage's extra modules
     first: tuple[str, ...]  # top-level modules on the first pipeline stage
     last: tuple[str, ...]  # ... and on the last (including tied copies)
+    tied: tuple[str, ...]  # modules the first and last stage both hold (their gradients are summed)
     cache: dict = field(default_factory=dict, compare=False, repr=False)  # per-layout results the search reuses
 
     @property
@@ -209,4 +210,5 @@ def _census(s: build.Setup, model: nn.Module, nparams: int, flops: float) -> Cen
         head_flops=head_cost(model, plan),
         first=tuple(plan.first),
         last=(*plan.last, *plan.tied(model)),
+        tied=plan.tied(model),
     )

@@ -14,7 +14,8 @@ Where they come from:
   reduce-scatters its gradient (fp32 by default) in each backward. Under pipeline parallelism the schedule keeps
   units gathered and reduces once per step.
 * **HSDP** (``dp_replicate``): each reduce-scattered gradient shard is then all-reduced over the replicas.
-* **PP** (``pp``): each microbatch's stage output forward and its gradient backward, per stage boundary.
+* **PP** (``pp``): each microbatch's stage output forward and its gradient backward, per stage boundary; with tied
+  embeddings the first and last stage sum their copies' gradient shards once per step.
 """
 
 from __future__ import annotations
@@ -153,4 +154,8 @@ def _pipeline_traffic(census: Census, config: JobConfig, pp_rank: int, passes: i
     x = traffic_inputs(config)
     activation = x.tokens * census.model_args.dim / x.tp * x.act_bytes
     sends = sum(s < stages - 1 for s in mine) + sum(s > 0 for s in mine)
-    return Counter({"pp/send": sends * passes * activation})
+    out = Counter({"pp/send": sends * passes * activation})
+    if census.tied and (0 in mine or stages - 1 in mine):  # the tied copies' gradients, summed once per step
+        tp, fsdp = p.tensor_parallel_degree, fsdp_degree(config)
+        out["pp/all_reduce"] = sum(q.local_numel(tp, fsdp) * q.itemsize for q in census.params if q.top in census.tied)
+    return out
