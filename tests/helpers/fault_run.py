@@ -14,13 +14,13 @@ import json
 import os
 import signal
 import sys
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from tests.helpers import run_worker
 from torchtitan_hyena.components.resilience import NonFiniteLossError
 from torchtitan_hyena.config import ConfigManager
 from torchtitan_hyena.train import Trainer
@@ -86,8 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception:
-        traceback.print_exc()
-        raise SystemExit(1) from None
+    run_worker(main)

@@ -14,13 +14,13 @@ import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from tests.helpers import run_worker
 from torchtitan_hyena.config import ConfigManager
 from torchtitan_hyena.distributed.utils import clean_fqn
 from torchtitan_hyena.train import Trainer
@@ -93,8 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception:
-        traceback.print_exc()
-        raise SystemExit(1) from None
+    run_worker(main)

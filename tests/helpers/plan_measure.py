@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._tools.mem_tracker import MemTracker
 
+from tests.helpers import run_worker
 from torchtitan_hyena.config import ConfigManager
 from torchtitan_hyena.distributed.comm_counter import count_collectives
 from torchtitan_hyena.distributed.context_parallel.collectives import track_communication
@@ -116,8 +116,4 @@ def measure_run(args: list[str]) -> list[Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception:
-        traceback.print_exc()
-        raise SystemExit(1) from None
+    run_worker(main)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from tests.helpers import run_worker
 from torchtitan_hyena.components.checkpoint import model_state_dict
 from torchtitan_hyena.config import ConfigManager
 from torchtitan_hyena.train import Trainer
@@ -103,8 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception:
-        traceback.print_exc()
-        raise SystemExit(1) from None
+    run_worker(main)

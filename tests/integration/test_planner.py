@@ -59,39 +59,35 @@ def measured(tmp_path_factory):
     return dict(zip(LAYOUTS, json.loads((tmp / "out.json").read_text()), strict=True)), runs
 
 
-def _config(runs, name):
-    return ConfigManager().parse_args(runs[list(LAYOUTS).index(name)])
+def _ranks(measured, name):
+    """(config, census, global batch, [(pipeline rank, measured record)] for every rank) of a measured layout."""
+    records, runs = measured
+    config = ConfigManager().parse_args(runs[list(LAYOUTS).index(name)])
+    census = take_census(config, target_accelerator("mi250x"))
+    per_stage = 4 // config.parallelism.pipeline_parallel_degree
+    return config, census, global_batch_of(config, 4), [(r // per_stage, rec) for r, rec in enumerate(records[name])]
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_predicted_collective_bytes_match_the_counted_ones(measured, name):
-    records, runs = measured
-    config = _config(runs, name)
-    census = take_census(config, target_accelerator("mi250x"))
-    pp = config.parallelism.pipeline_parallel_degree
-    for rank, record in enumerate(records[name]):
-        pp_rank = rank // (4 // pp)
-        predicted = step_traffic(census, config, pp_rank, global_batch_of(config, 4))
-        fsdp = (
-            "dp_shard_cp" if config.parallelism.context_parallel_degree > 1 else "dp_shard"
-        )  # as the counter names it
+    config, census, batch, ranks = _ranks(measured, name)
+    # the counter names the FSDP group by its mesh dimension when CP does not widen it
+    fsdp = "dp_shard_cp" if config.parallelism.context_parallel_degree > 1 else "dp_shard"
+    for pp_rank, record in ranks:
+        predicted = step_traffic(census, config, pp_rank, batch)
         counted = {
             key.replace(f"{fsdp}/", "dp_shard_cp/"): v["bytes"]
             for key, v in record["collectives"].items()
             if v["bytes"] > SCALARS and not key.endswith("/recv")
         }
-        assert set(counted) == set(predicted), (name, rank, counted, dict(predicted))
+        assert set(counted) == set(predicted), (name, pp_rank, counted, dict(predicted))
         for key, nbytes in counted.items():
-            assert predicted[key] == pytest.approx(nbytes, rel=0.05), (name, rank, key, predicted[key], nbytes)
+            assert predicted[key] == pytest.approx(nbytes, rel=0.05), (name, pp_rank, key, predicted[key], nbytes)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_predicted_peak_memory_matches_the_measured_peak(measured, name):
-    records, runs = measured
-    config = _config(runs, name)
-    census = take_census(config, target_accelerator("mi250x"))
-    pp = config.parallelism.pipeline_parallel_degree
-    for rank, record in enumerate(records[name]):
-        batch = global_batch_of(config, 4)
-        predicted = rank_memory(census, config, rank // (4 // pp), 0, batch)["total"]  # no runtime reserve
-        assert predicted == pytest.approx(record["peak_bytes"], rel=0.15), (name, rank, record["peak_breakdown"])
+    config, census, batch, ranks = _ranks(measured, name)
+    for pp_rank, record in ranks:
+        predicted = rank_memory(census, config, pp_rank, 0, batch)["total"]  # no runtime reserve
+        assert predicted == pytest.approx(record["peak_bytes"], rel=0.15), (name, pp_rank, record["peak_breakdown"])

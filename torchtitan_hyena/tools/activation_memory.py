@@ -18,7 +18,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ActivationInputs:
-    """What one rank's activation memory depends on, besides the model's shape."""
+    """What one rank's activation memory (and its TP/CP traffic, ``tools/comm_model.py``) depends on, besides the
+    model's shape."""
 
     microbatch: int  # sequences per forward/backward
     seq_len: int  # global sequence length
@@ -33,6 +34,11 @@ class ActivationInputs:
     blocks: tuple[int, ...] | None = None  # pipeline: the blocks this rank holds (None: all)
     head: bool = True  # pipeline: this rank holds the last stage (final norm, head, loss)
     in_flight: float = 1.0  # pipeline: microbatches whose saved activations are alive at once
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of one microbatch on this rank, before TP splits them."""
+        return self.microbatch * self.seq_len // self.cp
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ def with_checkpointing(
     """Combine per-layer bytes per token, ``(full, kept by per-op SAC)``, according to the AC mode, add the head,
     and find the peak: the saved tensors plus the loss, or plus one recomputed block and its live gradients."""
     t, p, h = s.tp, s.act_bytes, block_input * s.tp / s.act_bytes
-    tokens = s.microbatch * s.seq_len // s.cp
+    tokens = s.tokens
     if s.blocks is not None:
         layers = [layers[i] for i in s.blocks]
     if not s.head:

@@ -16,22 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torchtitan_hyena.distributed.context_parallel.collectives import halo_plan
+from torchtitan_hyena.tools.activation_memory import ActivationInputs
 
 Bytes = Counter  # "dimension/op" -> bytes
-
-
-@dataclass(frozen=True)
-class TrafficInputs:
-    """What a family's per-block traffic depends on (one micro-pass: one microbatch's forward and backward)."""
-
-    tokens: int  # tokens of the microbatch on this rank before TP (microbatch x seq_len / cp)
-    seq_len: int
-    tp: int
-    cp: int
-    act_bytes: int
-    cp_rotate: str
-    cp_mr_method: str
-    loss_parallel: bool
 
 
 @dataclass
@@ -53,7 +40,7 @@ class ModelTraffic:
 
 
 # A model family's estimator (``TrainSpec.traffic_estimator``): (model args, inputs) -> its TP/CP traffic.
-TrafficEstimator = Callable[[Any, TrafficInputs], ModelTraffic]
+TrafficEstimator = Callable[[Any, ActivationInputs], ModelTraffic]
 
 
 # ---------------------------------------------------------------------------------------------- shared patterns
@@ -73,7 +60,7 @@ def scatter(dim: str, full_bytes: float, degree: int) -> Messages:
     return Messages(Counter({f"{dim}/reduce_scatter": full_bytes}), Counter({f"{dim}/all_gather": full_bytes / degree}))
 
 
-def sequence_parallel_block(s: TrafficInputs, dim: int, norms: int = 2) -> Messages:
+def sequence_parallel_block(s: ActivationInputs, dim: int, norms: int = 2) -> Messages:
     """A pre-norm block under Megatron TP with sequence parallelism (``distributed/tensor_parallel.py``): the
     mixer and the MLP each all-gather their sequence-sharded input and reduce-scatter their output; the norms'
     weight gradients (partial on each rank, fp32) are all-reduced."""
@@ -86,7 +73,7 @@ def sequence_parallel_block(s: TrafficInputs, dim: int, norms: int = 2) -> Messa
     return m
 
 
-def attention_cp(s: TrafficInputs, kv_dim: int) -> Messages:
+def attention_cp(s: ActivationInputs, kv_dim: int) -> Messages:
     """Context-parallel attention (``distributed/context_parallel/attention.py``) on this rank's ``kv_dim / tp``
     K/V channels: all-gather K/V once (backward: reduce-scatter their gradients), or pass K/V around a ring (cp - 1
     sends forward; backward sends K/V and their gradients around again)."""
@@ -98,7 +85,7 @@ def attention_cp(s: TrafficInputs, kv_dim: int) -> Messages:
     return Messages(Counter({"cp/send": (s.cp - 1) * kv}), Counter({"cp/send": 2 * (s.cp - 1) * kv}))
 
 
-def channel_all_to_all(s: TrafficInputs, channels: int) -> Messages:
+def channel_all_to_all(s: ActivationInputs, channels: int) -> Messages:
     """A long convolution run on channel shards of the whole sequence: its input to channels and its output back
     to sequence shards, forward and backward (``context_parallel/convolution.py``)."""
     if s.cp == 1:
@@ -107,7 +94,7 @@ def channel_all_to_all(s: TrafficInputs, channels: int) -> Messages:
     return Messages(Counter({"cp/all_to_all": 2 * x}), Counter({"cp/all_to_all": 2 * x}))
 
 
-def halo(s: TrafficInputs, channels: int, width: int) -> Messages:
+def halo(s: ActivationInputs, channels: int, width: int) -> Messages:
     """A causal FIR's halo of ``width`` positions on ``channels / tp`` channels: the positions each rank sends on
     average (``halo_plan``), forward, and their gradients back."""
     if s.cp == 1 or width == 0:
@@ -119,19 +106,19 @@ def halo(s: TrafficInputs, channels: int, width: int) -> Messages:
     return Messages(Counter({"cp/send": x}), Counter({"cp/send": x}))
 
 
-def vocab_parallel_embedding(s: TrafficInputs, dim: int) -> Messages:
+def vocab_parallel_embedding(s: ActivationInputs, dim: int) -> Messages:
     """A row-wise (vocabulary-sharded) embedding whose partial outputs are reduce-scattered into sequence shards."""
     return scatter("tp", s.tokens * dim * s.act_bytes, s.tp)
 
 
-def replicated_embedding(s: TrafficInputs, dim: int) -> Messages:
+def replicated_embedding(s: ActivationInputs, dim: int) -> Messages:
     """A replicated embedding cut into sequence shards: no forward traffic; backward gathers the gradient."""
     if s.tp == 1:
         return Messages()
     return Messages(backward=Counter({"tp/all_gather": s.tokens * dim * s.act_bytes / s.tp}))
 
 
-def vocab_parallel_head(s: TrafficInputs, dim: int, vocab: int) -> Messages:
+def vocab_parallel_head(s: ActivationInputs, dim: int, vocab: int) -> Messages:
     """A column-wise head: the final norm's sequence shards are gathered; without loss parallel the vocabulary
     shards of the logits are gathered too (their gradient is only sliced)."""
     if s.tp == 1:
@@ -143,7 +130,7 @@ def vocab_parallel_head(s: TrafficInputs, dim: int, vocab: int) -> Messages:
     return m
 
 
-def replicated_head(s: TrafficInputs, dim: int) -> Messages:
+def replicated_head(s: ActivationInputs, dim: int) -> Messages:
     """A replicated (tied) head: the final norm's output is gathered whole; its gradient is only sliced."""
     if s.tp == 1:
         return Messages()

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from torchtitan_hyena.models.hyena.args import HyenaArgs
+from torchtitan_hyena.tools.activation_memory import ActivationInputs
 from torchtitan_hyena.tools.comm_model import (
     Messages,
     ModelTraffic,
-    TrafficInputs,
     attention_cp,
     channel_all_to_all,
     halo,
@@ -18,7 +18,7 @@ from torchtitan_hyena.tools.comm_model import (
 )
 
 
-def hyena_traffic(args: HyenaArgs, s: TrafficInputs) -> ModelTraffic:
+def hyena_traffic(args: HyenaArgs, s: ActivationInputs) -> ModelTraffic:
     """Every block is sequence parallel. Under CP, attention blocks as Llama's; Hyena blocks exchange the
     featurizer's halo on 3D channels, then SE (and MR by halo) the k and v halos of their filter, while LI (and MR
     by all-to-all) move k*v and the result between sequence and channel shards."""
@@ -40,7 +40,7 @@ def hyena_traffic(args: HyenaArgs, s: TrafficInputs) -> ModelTraffic:
     )
 
 
-def _filter_cp(args: HyenaArgs, s: TrafficInputs, kind: str) -> Messages:
+def _filter_cp(args: HyenaArgs, s: ActivationInputs, kind: str) -> Messages:
     if kind == "H" or (kind == "D" and s.cp_mr_method == "alltoall"):
         return channel_all_to_all(s, args.dim)
     taps = args.se_filter_len if kind == "S" else args.mr_filter_len

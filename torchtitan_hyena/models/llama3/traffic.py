@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 from torchtitan_hyena.models.llama3.args import Llama3Args
+from torchtitan_hyena.tools.activation_memory import ActivationInputs
 from torchtitan_hyena.tools.comm_model import (
     ModelTraffic,
-    TrafficInputs,
     attention_cp,
     sequence_parallel_block,
     vocab_parallel_embedding,
@@ -14,7 +14,7 @@ from torchtitan_hyena.tools.comm_model import (
 )
 
 
-def llama3_traffic(args: Llama3Args, s: TrafficInputs) -> ModelTraffic:
+def llama3_traffic(args: Llama3Args, s: ActivationInputs) -> ModelTraffic:
     """Every block: sequence-parallel attention and MLP, and CP attention over the K/V heads."""
     block = sequence_parallel_block(s, args.dim) + attention_cp(s, args.kv_heads * args.head_dim)
     return ModelTraffic(

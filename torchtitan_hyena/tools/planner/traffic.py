@@ -20,31 +20,26 @@ Where they come from:
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Iterable
 
 from torchtitan_hyena.config import JobConfig
 from torchtitan_hyena.distributed.pipeline_parallel import stage_count, stage_ids
 from torchtitan_hyena.dtypes import DTYPES
-from torchtitan_hyena.tools.comm_model import Bytes, TrafficInputs
+from torchtitan_hyena.tools.activation_memory import ActivationInputs
+from torchtitan_hyena.tools.comm_model import Bytes
+from torchtitan_hyena.tools.dry_run import activation_inputs
 from torchtitan_hyena.tools.planner.census import Census
 from torchtitan_hyena.tools.planner.memory import fsdp_degree, uses_fsdp
 
 
 # ---------------------------------------------------------------------------------------------- a step
-def traffic_inputs(config: JobConfig) -> TrafficInputs:
-    p, t = config.parallelism, config.training
-    microbatch = p.pipeline_parallel_microbatch_size if p.pipeline_parallel_degree > 1 else t.local_batch_size
-    return TrafficInputs(
-        tokens=microbatch * t.seq_len // p.context_parallel_degree,
-        seq_len=t.seq_len,
-        tp=p.tensor_parallel_degree,
-        cp=p.context_parallel_degree,
-        act_bytes=DTYPES[t.mixed_precision_param].itemsize,
-        cp_rotate=p.context_parallel_rotate_method,
-        cp_mr_method=p.context_parallel_mr_method,
-        loss_parallel=p.tensor_parallel_degree > 1 and p.enable_loss_parallel,
-    )
+def traffic_inputs(config: JobConfig) -> ActivationInputs:
+    """The per-rank inputs of the families' traffic models (the activation model's, with nothing per pipeline rank,
+    so that results can be shared between ranks)."""
+    s = activation_inputs(config, 0, (), config.parallelism.pipeline_parallel_degree)
+    return dataclasses.replace(s, blocks=None, head=True, in_flight=1.0, ac_mode="none", ac_option="2")
 
 
 def recomputed(config: JobConfig, blocks: Iterable[int]) -> set[int]:
