@@ -205,7 +205,8 @@ def validate(
     model_args = model_args_from_config(spec, job_config)
     t = job_config.training
     n_layers = len(model_args.layer_flops(t.seq_len))
-    validate_pipeline(job_config.parallelism, n_layers, t.local_batch_size, job_config.validation.enable)
+    v = job_config.validation
+    validate_pipeline(job_config.parallelism, n_layers, t.local_batch_size, v.local_batch_size if v.enable else -1)
     if spec.validate_fn is not None:
         spec.validate_fn(model_args, parallel_dims, job_config)
     if files:

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = build.build_model(s).model
         load_model_weights([model], Path(path), strict_shapes=True)
         with s.loss_parallel():
-            loss, tokens = validator.validate(model, s.forward)
+            loss, tokens = validator.validate([model], validator.model_loss(model, s.forward))
         match = re.fullmatch(r"step-(\d+)", Path(path).name)
         record = {
             "checkpoint": str(path),

@@ -77,6 +77,8 @@ class Trainer:
                 self.device,
                 s.loss_group(),
                 prepare_batch=s.prepare_batch,
+                pp_group=s.pp_group(),
+                batch_size=t.local_batch_size if s.parallel_dims.pp_enabled else None,
             )
 
         built = build.build_model(s)
@@ -171,6 +173,11 @@ class Trainer:
         self.lr_schedulers.step()
         return loss, grad_norm, int(global_tokens.item())
 
+    def _pipeline_validation_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The pipeline schedule's forward of a validation batch: the summed loss on the last stage, else zero."""
+        with self.setup.autocast():
+            return self.pipeline.evaluate(batch, self.loss_fn)
+
     def _seed_step(self, step: int) -> None:
         """Per-step RNG state (dropout): a pure function of (seed, step, dp rank, cp rank), so resume reproduces it
         (context-parallel ranks hold different tokens, so their dropout masks must differ too)."""
@@ -217,7 +224,10 @@ class Trainer:
                     break
                 if self.validator is not None and (step % c.validation.freq == 0 or step == c.training.steps):
                     with self.setup.loss_parallel():
-                        val_loss, val_tokens = self.validator.validate(self.model_parts[0], self.forward)
+                        batch_loss = self._pipeline_validation_loss
+                        if self.pipeline is None:
+                            batch_loss = self.validator.model_loss(self.model_parts[0], self.forward)
+                        val_loss, val_tokens = self.validator.validate(self.model_parts, batch_loss)
                     self.metrics.log_validation(step, val_loss, val_tokens)
                 if profiler is not None:
                     profiler.step()

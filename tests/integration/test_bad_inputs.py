@@ -118,8 +118,9 @@ CASES: dict[str, Case] = {
     "pp_split_point_beyond": train("--parallelism.pipeline_parallel_degree", "2",
                                    "--parallelism.pipeline_parallel_split_points", "layers.9", ranks=2,
                                    fragment="must be increasing blocks between layers.1 and layers.5"),
-    "pp_validation": train("--parallelism.pipeline_parallel_degree", "2", "--validation.enable", "true", ranks=2,
-                           fragment="validation.enable runs whole-model forwards"),
+    "pp_validation_batch": train("--parallelism.pipeline_parallel_degree", "2", "--validation.enable", "true",
+                                 "--validation.local_batch_size", "4", ranks=2,
+                                 fragment="set validation.local_batch_size -1"),
     # ---------------------------------------------------------------- impossible model values
     "rope_theta_negative": train("--model.rope_theta", "-5", fragment="model.rope_theta must be positive, or -1"),
     "rope_pi_factor_zero": hyena("--model.rope_pi_factor", "0", fragment="model.rope_pi_factor must be positive"),

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, env, torchrun_runs
+from tests.conftest import REPO, TINY, env, run_cli, torchrun_runs
 from tests.integration.test_baselines import BASELINES, COMMON, LOSS_RTOL, MODELS, environment
 
 pytestmark = pytest.mark.slow
@@ -89,3 +89,19 @@ def test_checkpoint_moves_between_pipeline_and_fsdp(tmp_path):
     assert result["entries"] > 100 and result["steps_moved_the_state"]
     assert result["pp_to_fsdp"] == [], "resumed under FSDP 4, these differ from the PP 2 x FSDP 2 save"
     assert result["fsdp_to_pp"] == [], "resumed under PP 2 x FSDP 2, these differ from the FSDP 4 save"
+
+
+def test_validation_under_pipeline_matches_one_process(tmp_path):
+    """The schedule's forward-only pass (``Pipeline.evaluate``) gives the one-process validation loss (the hybrid:
+    its tied head on the last stage)."""
+    args = [*TINY, "--job.config_file", MODELS["hyena"], "--training.seq_len", "64", "--training.steps", "2",
+            "--validation.enable", "true", "--validation.freq", "1", "--validation.steps", "2"]  # fmt: skip
+    pp = [*PP[:2], "--parallelism.pipeline_parallel_schedule", "1F1B", "--job.dump_folder", str(tmp_path / "pp")]
+    torchrun_runs(2, [[*args, *pp]], tmp_path)
+    one = run_cli([*args, "--job.dump_folder", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    records = [[json.loads(line) for line in (tmp_path / run / "validation.jsonl").read_text().splitlines()]
+               for run in ("pp", "one")]  # fmt: skip
+    assert [r["tokens"] for r in records[0]] == [r["tokens"] for r in records[1]] == [256, 256]
+    for ours, theirs in zip(*records):
+        assert ours["validation_loss"] == pytest.approx(theirs["validation_loss"], rel=1e-5)

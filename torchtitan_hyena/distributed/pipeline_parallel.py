@@ -61,15 +61,16 @@ def stage_count(p: Parallelism, n_layers: int) -> int:
     return p.pipeline_parallel_degree * per_rank
 
 
-def validate_pipeline(p: Parallelism, n_layers: int, local_batch_size: int, validation: bool) -> None:
+def validate_pipeline(p: Parallelism, n_layers: int, local_batch_size: int, validation_batch: int = -1) -> None:
     """Pipeline layouts that cannot run, each a one-line :class:`ConfigError` (before anything is built)."""
     pp, schedule, mbs = p.pipeline_parallel_degree, p.pipeline_parallel_schedule, p.pipeline_parallel_microbatch_size
     if pp == 1:
         return
-    if validation:
+    if validation_batch not in (-1, local_batch_size):
         raise ConfigError(
-            "validation.enable runs whole-model forwards, not pipeline stages; set validation.enable false under "
-            "pipeline_parallel_degree > 1 (evaluate a checkpoint with torchtitan_hyena.evaluate instead)"
+            f"validation.local_batch_size {validation_batch} differs from training.local_batch_size "
+            f"{local_batch_size}; under pipeline parallelism validation runs the training schedule's microbatches, "
+            "so set validation.local_batch_size -1"
         )
     if p.pipeline_parallel_split_points and p.pipeline_parallel_layers_per_stage > 0:
         raise ConfigError(
@@ -242,6 +243,14 @@ class Pipeline:
     def step(self, batch: dict[str, torch.Tensor], loss_fn: LossFn, divisor: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one (prepared) batch; the sum of its microbatch losses on the last stage,
         zero elsewhere (summed over the pipeline ranks by the caller)."""
+        return self._run(self.schedule.step, batch, loss_fn, divisor)
+
+    def evaluate(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> torch.Tensor:
+        """Forward only (validation) of one batch of ``local_batch_size`` sequences: the summed loss on the last
+        stage, zero elsewhere."""
+        return self._run(self.schedule.eval, batch, loss_fn, torch.ones((), device=batch["input"].device))
+
+    def _run(self, run: Callable[..., object], batch: dict[str, torch.Tensor], loss_fn: LossFn, divisor: torch.Tensor):
         self._loss_fn, self._divisor = loss_fn, divisor
         tokens, labels = batch["input"], batch["labels"]
         target = labels
@@ -254,7 +263,7 @@ class Pipeline:
         kwargs = {"positions": positions.expand(tokens.shape[0], -1)}
         losses: list[torch.Tensor] = []
         args = (tokens,) if self.has_first else ()
-        self.schedule.step(*args, target=target if self.has_last else None, losses=losses, **kwargs)
+        run(*args, target=target if self.has_last else None, losses=losses, **kwargs)
         total = torch.zeros((), dtype=torch.float64, device=tokens.device)
         for loss in losses:
             total += loss.detach().to(torch.float64)

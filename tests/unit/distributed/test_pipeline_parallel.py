@@ -84,13 +84,14 @@ def test_stage_holds_its_blocks_and_ends():
 )
 def test_impossible_layouts_are_one_line(kw, local_batch, fragment):
     with pytest.raises(ConfigError, match=None) as e:
-        validate_pipeline(parallelism(**kw), 6, local_batch, validation=False)
+        validate_pipeline(parallelism(**kw), 6, local_batch)
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
-def test_validation_is_refused_under_pipeline():
-    with pytest.raises(ConfigError, match="validation.enable"):
-        validate_pipeline(parallelism(), 6, 2, validation=True)
+def test_validation_batch_must_be_the_training_schedules():
+    validate_pipeline(parallelism(), 6, 2, validation_batch=2)
+    with pytest.raises(ConfigError, match="set validation.local_batch_size -1"):
+        validate_pipeline(parallelism(), 6, 2, validation_batch=4)
 
 
 def test_stage_activations_add_up_to_the_whole_model():

@@ -120,7 +120,6 @@ def layouts(config: JobConfig, world: int, gpus_per_node: int, n_layers: int) ->
                             "parallelism.pipeline_parallel_microbatch_size": microbatch,
                             "parallelism.pipeline_parallel_split_points": [],
                             "parallelism.pipeline_parallel_layers_per_stage": -1,
-                            "validation.enable": False,
                         }
 
 
