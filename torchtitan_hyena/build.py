@@ -206,7 +206,7 @@ def validate(
     t = job_config.training
     n_layers = len(model_args.layer_flops(t.seq_len))
     v = job_config.validation
-    validate_pipeline(job_config.parallelism, n_layers, t.local_batch_size, v.local_batch_size if v.enable else -1)
+    validate_pipeline(job_config.parallelism, n_layers, t.local_batch_size, v.local_batch_size if v.enable else 0)
     if spec.validate_fn is not None:
         spec.validate_fn(model_args, parallel_dims, job_config)
     if files:

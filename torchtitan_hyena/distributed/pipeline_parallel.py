@@ -61,12 +61,18 @@ def stage_count(p: Parallelism, n_layers: int) -> int:
     return p.pipeline_parallel_degree * per_rank
 
 
-def validate_pipeline(p: Parallelism, n_layers: int, local_batch_size: int, validation_batch: int = -1) -> None:
-    """Pipeline layouts that cannot run, each a one-line :class:`ConfigError` (before anything is built)."""
+def validate_pipeline(p: Parallelism, n_layers: int, local_batch_size: int, validation_batch: int = 0) -> None:
+    """Pipeline layouts that cannot run, each a one-line :class:`ConfigError` (before anything is built).
+    ``validation_batch``: ``validation.local_batch_size`` when validation is on (-1: the training batch), else 0."""
     pp, schedule, mbs = p.pipeline_parallel_degree, p.pipeline_parallel_schedule, p.pipeline_parallel_microbatch_size
     if pp == 1:
         return
-    if validation_batch not in (-1, local_batch_size):
+    if validation_batch != 0 and not hasattr(get_schedule_class(schedule), "eval"):
+        raise ConfigError(
+            f"validation under pipeline parallelism needs torch's schedule.eval (torch {torch.__version__} lacks it); "
+            "set validation.enable false or use a newer torch"
+        )
+    if validation_batch not in (0, -1, local_batch_size):
         raise ConfigError(
             f"validation.local_batch_size {validation_batch} differs from training.local_batch_size "
             f"{local_batch_size}; under pipeline parallelism validation runs the training schedule's microbatches, "
