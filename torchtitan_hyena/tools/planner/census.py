@@ -180,8 +180,8 @@ def _census(s: build.Setup, model: nn.Module, nparams: int, flops: float) -> Cen
     }
     unit_info = []
     for i, unit in enumerate(units):
-        policy = unit._get_fsdp_state()._mp_policy
-        dtype = policy.param_dtype or torch.float32
+        policy = getattr(unit._get_fsdp_state(), "_mp_policy", None)  # FSDP2 has no public getter for it
+        dtype = getattr(policy, "param_dtype", None) or torch.float32
         own = [q for q in unit.parameters() if owner[id(q)] == i]
         unit_info.append(
             Unit(dtype.itemsize, root=unit is model, last=bool(own) and all(id(q) in last_unit for q in own))
