@@ -96,7 +96,9 @@ def parallelize(
         frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
         plan.apply_tp(model, tp_mesh, TPOptions(p.enable_loss_parallel, is_tensorwise(job_config.float8), compiled))
         shard_adapters(model, tp_mesh)  # LoRA adapters, sharded like their base layers (none without LoRA)
-        for name, param in model.named_parameters():  # frozen weights (LoRA) stay frozen whatever the plan did
+        # Frozen weights (LoRA) stay frozen: torch's parallel styles wrap each shard in a new nn.Parameter, which
+        # requires grad by default, so every plan (ours and torch's Colwise/Rowwise styles) would unfreeze them.
+        for name, param in model.named_parameters():
             if name in frozen:
                 param.requires_grad_(False)
         maybe_enable_async_tp(p.enable_async_tensor_parallel, compiled, tp_mesh)
