@@ -34,6 +34,8 @@ from torch import nn
 from torchtitan_hyena.build import load_model
 from torchtitan_hyena.dtypes import DTYPES
 from torchtitan_hyena.errors import UserError, run_cli
+from torchtitan_hyena.protocols.model import read_model_args
+from torchtitan_hyena.protocols.train_spec import get_train_spec
 from torchtitan_hyena.score_outputs import (
     REDUCTIONS,
     HiddenStates,
@@ -216,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     with ExitStack() as stack:  # the embeddings folder and the output appear together, or neither
         hidden = None
         if args.embeddings:
-            modules = resolve_layers(model, args.embeddings, len(model.layers))
+            formats = get_train_spec(read_model_args(args.checkpoint)[0]).state_dict_adapters.values()
+            modules = resolve_layers(model, args.embeddings, len(model.layers), formats)
             hidden = HiddenStates(modules, stack.enter_context(atomic_output_dir(args.embeddings_dir)), names, count)
         scores = score_sequences(model, sequences, device, args.batch_size, pad_id, hidden)
         rows = output_rows(scores, count, args.reduce)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,26 +15,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from torchtitan_hyena.errors import UserError
+from torchtitan_hyena.protocols.state_dict_adapter import StateDictAdapter
 
 REDUCTIONS = ("mean", "sum")
 # IUPAC nucleotide codes and their complements, both cases (Biopython's reverse_complement); other bytes are kept.
 _COMPLEMENT = bytes.maketrans(b"ACGTRYKMBVDHNacgtrykmbvdhn", b"TGCAYRMKVBHDNtgcayrmkvbhdn")
-# evo2 names the vortex model's modules; the same tensors in our blocks (vortex l1/l2/l3 = our w1/w3/w2).
-_VORTEX_BLOCK_MODULES = {
-    "pre_norm": "pre_norm",
-    "post_norm": "post_norm",
-    "mlp": "mlp",
-    "mlp.l1": "mlp.w1",
-    "mlp.l2": "mlp.w3",
-    "mlp.l3": "mlp.w2",
-    "projections": "mixer.projections",
-    "filter": "mixer.filter",
-    "out_filter_dense": "mixer.out_proj",
-    "inner_mha_cls": "mixer",
-    "inner_mha_cls.Wqkv": "mixer.wqkv",
-    "inner_mha_cls.out_proj": "mixer.out_proj",
-}
-_VORTEX_TOP_MODULES = {"embedding_layer": "tok_embeddings", "norm": "norm"}
 
 
 def reduce_logprobs(logprobs: list[float], how: str) -> float | None:
@@ -50,34 +35,43 @@ def reverse_complement_tokens(tokens: list[int], bos: bool) -> list[int]:
     return head + list(bytes(reversed(body)).translate(_COMPLEMENT))
 
 
-def layer_module_name(name: str, n_layers: int) -> str | None:
-    """Our module name for an ``--embeddings`` entry: a block index (``28``: block 28's output), an evo2/vortex
-    name (``blocks.28``, ``blocks.28.mlp.l3``, ``embedding_layer``, ``norm``) or our own (``layers.28.mlp.w2``)."""
+def layer_module_name(name: str, n_layers: int, formats: Iterable[type[StateDictAdapter]]) -> str | None:
+    """Our module name for an ``--embeddings`` entry: a block index (``28``: block 28's output), a module name of
+    one of the family's checkpoint ``formats`` (evo2/vortex: ``blocks.28``, ``blocks.28.mlp.l3``,
+    ``embedding_layer``, ``norm``) or our own (``layers.28.mlp.w2``)."""
     if re.fullmatch(r"\d+", name):
         return f"layers.{int(name)}" if int(name) < n_layers else None
-    m = re.fullmatch(r"blocks\.(\d+)(?:\.(.+))?", name)
-    if m:
-        sub = m.group(2)
-        if sub is None:
-            return f"layers.{m.group(1)}"
-        return f"layers.{m.group(1)}.{_VORTEX_BLOCK_MODULES[sub]}" if sub in _VORTEX_BLOCK_MODULES else None
-    return _VORTEX_TOP_MODULES.get(name, name)
+    for fmt in formats:
+        if fmt.block_prefix and re.fullmatch(rf"{re.escape(fmt.block_prefix)}\.\d+(\..+)?", name):
+            return fmt.module_name(name)
+        if name in fmt.top_modules:
+            return fmt.module_name(name)
+    return name
 
 
-def resolve_layers(model: nn.Module, spec: str, n_layers: int) -> dict[str, nn.Module]:
+def resolve_layers(
+    model: nn.Module, spec: str, n_layers: int, formats: Iterable[type[StateDictAdapter]] = ()
+) -> dict[str, nn.Module]:
     """``--embeddings`` value (comma-separated names) -> {name as given: module}; unknown names fail in one line."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
-        raise UserError("--embeddings needs at least one layer, e.g. --embeddings 3 or --embeddings blocks.3.mlp.l3")
+        raise UserError("--embeddings needs at least one layer, e.g. --embeddings 3 or --embeddings layers.3.mlp")
     modules = dict(model.named_modules())
+    formats = list(formats)
     out = {}
     for name in names:
-        ours = layer_module_name(name, n_layers)
+        ours = layer_module_name(name, n_layers, formats)
         if ours is None or ours not in modules:
             last = n_layers - 1
+            examples = "".join(
+                f"a {f.format} name ({f.block_prefix}.{last}, {f.block_prefix}.{last}.<{'|'.join(f.block_modules)}>, "
+                f"{', '.join(f.top_modules)}), "
+                for f in formats
+                if f.block_prefix
+            )
             raise UserError(
-                f"--embeddings {name}: no such layer; use a block index 0..{last}, an evo2 name (blocks.{last}, "
-                f"blocks.{last}.mlp.l3, embedding_layer, norm) or a module name of the model (layers.{last}.mlp.w2)"
+                f"--embeddings {name}: no such layer; use a block index 0..{last}, {examples}or a module name of "
+                f"the model (layers.{last}.mlp)"
             )
         out[name] = modules[ours]
     return out

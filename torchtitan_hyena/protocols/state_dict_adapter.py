@@ -8,8 +8,10 @@ converter holds about one tensor at a time. An adapter knows names, layouts and 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -27,9 +29,28 @@ class LazyTensor:
 
 
 class StateDictAdapter:
-    """Converts between ``format`` and the state dict of a model built from ``args``."""
+    """Converts between ``format`` and the state dict of a model built from ``args``.
+
+    ``block_prefix``, ``block_modules`` and ``top_modules`` name the format's modules (``<block_prefix>.N[.sub]``,
+    or a top-level name) as the model's, for tools that address modules by the names users know (``score
+    --embeddings``)."""
 
     format: str = ""
+    block_prefix: str = ""
+    block_modules: Mapping[str, str] = MappingProxyType({})
+    top_modules: Mapping[str, str] = MappingProxyType({})
+
+    @classmethod
+    def module_name(cls, name: str) -> str | None:
+        """The model's module for the format's module ``name`` (None: not a module name of the format)."""
+        if cls.block_prefix:
+            m = re.fullmatch(rf"{re.escape(cls.block_prefix)}\.(\d+)(?:\.(.+))?", name)
+            if m:
+                block, sub = m.groups()
+                if sub is None:
+                    return f"layers.{block}"
+                return f"layers.{block}.{cls.block_modules[sub]}" if sub in cls.block_modules else None
+        return cls.top_modules.get(name)
 
     def __init__(self, args: BaseModelArgs) -> None:
         self.args = args

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -211,6 +212,24 @@ class VortexAdapter(StateDictAdapter):
     """vortex (Evo 2) checkpoints: the YAML config and the ``blocks.{i}.…`` state dict."""
 
     format = "vortex"
+    # evo2 names the vortex model's modules (``Evo2.forward(layer_names=...)``); the same tensors in our blocks
+    # (vortex l1/l2/l3 = our w1/w3/w2).
+    block_prefix = "blocks"
+    block_modules = MappingProxyType({
+        "pre_norm": "pre_norm",
+        "post_norm": "post_norm",
+        "mlp": "mlp",
+        "mlp.l1": "mlp.w1",
+        "mlp.l2": "mlp.w3",
+        "mlp.l3": "mlp.w2",
+        "projections": "mixer.projections",
+        "filter": "mixer.filter",
+        "out_filter_dense": "mixer.out_proj",
+        "inner_mha_cls": "mixer",
+        "inner_mha_cls.Wqkv": "mixer.wqkv",
+        "inner_mha_cls.out_proj": "mixer.out_proj",
+    })  # fmt: skip
+    top_modules = MappingProxyType({"embedding_layer": "tok_embeddings", "norm": "norm"})
 
     @staticmethod
     def args_from_config(cfg: dict[str, Any], source: str) -> HyenaArgs:
