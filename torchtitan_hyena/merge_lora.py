@@ -1,11 +1,12 @@
 """Fold a LoRA run's adapters into its base weights: ``python -m torchtitan_hyena.merge_lora --input_dir STEP_DIR
---output_dir OUT [--overwrite]``.
+--output_dir OUT [--dtype float32|bfloat16|float16] [--overwrite]``.
 
 A LoRA checkpoint holds the adapters (and anything else trained) but not the frozen base weights: those come from
 the run's ``checkpoint.initial_load_path`` recorded in the step's ``job_config.json`` (relative paths resolve
 against the current folder, as in training), or are re-drawn from ``training.seed`` when the run had no seed.
 The output is an ordinary model-only DCP step folder with ``model_args.json``, for ``score``, ``generate``,
-``dcp_to_llama.py`` and ``dcp_to_evo2.py``.
+``dcp_to_llama.py`` and ``dcp_to_evo2.py``. The merge runs in fp32; ``--dtype`` then stores the weights in that
+dtype (half the size in bf16), except modules that keep fp32 parameters (Hyena-LI filters), as training does.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from torchtitan_hyena.build import init_lora, meta_model
 from torchtitan_hyena.components.checkpoint import COMPLETE_MARKER, check_model_family, load_model_weights
 from torchtitan_hyena.components.lora import apply_lora, merge_adapters
 from torchtitan_hyena.config.job_config import Lora
+from torchtitan_hyena.dtypes import DTYPES
 from torchtitan_hyena.errors import UserError, run_cli
+from torchtitan_hyena.models.common.precision import cast_model_
 from torchtitan_hyena.protocols.model import MODEL_ARGS_FILE, read_model_args, write_model_args
 from torchtitan_hyena.protocols.train_spec import get_train_spec
 from torchtitan_hyena.tools.logging import init_logger, logger
@@ -54,7 +57,7 @@ def read_lora_run(step_dir: Path) -> tuple[dict, Lora]:
     return job, lora
 
 
-def merge_lora(input_dir: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
+def merge_lora(input_dir: str | Path, output_dir: str | Path, overwrite: bool = False, dtype: str = "float32") -> Path:
     """Rebuild the run's adapted model on one CPU process, load base and adapters, merge, write ``output_dir``."""
     step = Path(input_dir)
     name, flavor, values = read_model_args(step)
@@ -78,7 +81,7 @@ def merge_lora(input_dir: str | Path, output_dir: str | Path, overwrite: bool = 
         logger.info(f"base weights re-drawn from training.seed {seed} (the run had no checkpoint.initial_load_path)")
     load_model_weights([model], step, trainable_only=True, fix="the step folder does not match its job_config.json")
     merged = merge_adapters(model)
-    state = model.state_dict()
+    state = cast_model_(model, DTYPES[dtype]).state_dict()
     job["lora"] = dataclasses.asdict(dataclasses.replace(lora, enable=False))
     with atomic_output_dir(output_dir, overwrite) as tmp:
         with warnings.catch_warnings():
@@ -95,10 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m torchtitan_hyena.merge_lora", description=__doc__.splitlines()[0])
     p.add_argument("--input_dir", required=True, help="step-N folder of a LoRA training run")
     p.add_argument("--output_dir", required=True, help="DCP step folder to create (model weights + model_args.json)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the stored weights (the merge itself runs in fp32)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     a = p.parse_args(argv)
     init_logger()
-    merge_lora(a.input_dir, a.output_dir, overwrite=a.overwrite)
+    merge_lora(a.input_dir, a.output_dir, overwrite=a.overwrite, dtype=a.dtype)
 
 
 if __name__ == "__main__":

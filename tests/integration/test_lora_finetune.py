@@ -148,3 +148,9 @@ def test_merged_export_scores_like_the_adapted_model_and_loads_in_transformers(r
         ids = torch.tensor([sequences[0]])
         ref = torch.log_softmax(hf(ids).logits.float()[0, :-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
     assert (torch.tensor(ours[0]) - ref).abs().max().item() <= 1e-5
+
+    half = merge_lora(step, tmp_path / "merged_bf16", dtype="bfloat16")
+    stored = dcp.FileSystemReader(str(half)).read_metadata().state_dict_metadata
+    assert {m.properties.dtype for m in stored.values() if hasattr(m, "properties")} == {torch.bfloat16}
+    rounded = score_sequences(load_model(half, CPU), sequences, CPU)
+    assert max(abs(a - b) for s, t in zip(rounded, ours) for a, b in zip(s, t)) <= 0.05  # bf16 weights
