@@ -1,6 +1,7 @@
 """Pipeline parallelism against one process, and checkpoints across pipeline and non-pipeline layouts.
 
-The debug Llama and hybrid under PP 2 (GPipe and 1F1B), PP 2 x FSDP 2, PP 2 x TP 2 and a looped schedule
+The debug Llama and hybrid under PP 2 (GPipe and 1F1B), PP 2 x FSDP 2, PP 2 x TP 2, PP 2 x HSDP 2 with compiled
+blocks (aot_eager) and a looped schedule
 (Interleaved1F1B, 4 stages) over PP 2 x CP 2 with full activation checkpointing: the first 10 of the 20 steps of
 ``tests/integration/test_baselines.py``'s settings (same schedule, so the same learning rates), compared with the stored
 one-process curves (no extra run). The stored curves ran 2 accumulation steps of 1 sequence; a pipeline with 2
@@ -37,6 +38,9 @@ LAYOUTS = {
     "pp2_fsdp2": (4, "llama3", ["--parallelism.data_parallel_shard_degree", "2",
                                 "--parallelism.pipeline_parallel_schedule", "GPipe"]),
     "hybrid_pp2_tp2": (4, "hyena", ["--parallelism.tensor_parallel_degree", "2", *BATCH2]),
+    "pp2_hsdp2_compiled": (4, "llama3", ["--parallelism.data_parallel_replicate_degree", "2",
+                                         "--parallelism.pipeline_parallel_schedule", "GPipe",
+                                         "--compile.enable", "true", "--compile.backend", "aot_eager"]),
     "hybrid_interleaved_cp2_ac": (4, "hyena", [
         "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B", "--parallelism.context_parallel_degree", "2",
         "--activation_checkpoint.mode", "full", *BATCH2,
