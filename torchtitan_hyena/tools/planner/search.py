@@ -83,7 +83,9 @@ def layouts(config: JobConfig, world: int, gpus_per_node: int, n_layers: int) ->
         dp = world // (tp * cp * pp)
         if batch % dp:
             continue
-        replicas = {1} | {dp * tp * cp // gpus_per_node} if gpus_per_node % (tp * cp) == 0 else {1}
+        replicas = {1}  # FSDP over all data-parallel ranks, or HSDP with each shard group inside one node
+        if gpus_per_node % (tp * cp) == 0:
+            replicas.add(dp * tp * cp // gpus_per_node)
         for replicate in sorted(r for r in replicas if r >= 1 and dp % r == 0):
             for (ac, option), local in itertools.product(AC_MODES, POWERS):
                 if batch % (local * dp) or local > 8:

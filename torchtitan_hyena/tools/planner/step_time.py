@@ -60,7 +60,7 @@ def dimension_sizes(config: JobConfig) -> dict[str, tuple[int, int]]:
     }
 
 
-def comm_seconds(config: JobConfig, profile: Profile, traffic: dict[str, float], calls: float = 0) -> dict[str, float]:
+def comm_seconds(config: JobConfig, profile: Profile, traffic: dict[str, float]) -> dict[str, float]:
     """Seconds of each dimension's collectives for ``traffic`` bytes."""
     sizes = dimension_sizes(config)
     out: dict[str, float] = {}
@@ -92,8 +92,9 @@ def step_time(census: Census, config: JobConfig, profile: Profile, global_batch:
         compute = flops * tokens / rate
         traffic = step_traffic(census, config, rank, global_batch)
         seconds = comm_seconds(config, profile, traffic)
-        calls = len(blocks) * passes * 8 * profile.latency_us * 1e-6 if tp * cp > 1 else 0.0
-        exposed = sum(v for d, v in seconds.items() if d not in OVERLAPPED) + calls
+        # latency: a block's TP/CP collectives are about 4 forward and 4 backward calls per pass
+        latency = len(blocks) * passes * 8 * profile.latency_us * 1e-6 if tp * cp > 1 else 0.0
+        exposed = sum(v for d, v in seconds.items() if d not in OVERLAPPED) + latency
         if p.enable_async_tensor_parallel:
             exposed -= ASYNC_TP_HIDDEN * seconds.get("tp", 0.0)
         overlapped = sum(v for d, v in seconds.items() if d in OVERLAPPED)
