@@ -13,7 +13,6 @@ from __future__ import annotations
 from torchtitan_hyena.config import JobConfig
 from torchtitan_hyena.distributed.pipeline_parallel import stage_count
 from torchtitan_hyena.tools.dry_run import (
-    GIB,
     OPTIMIZER_STATES,
     RESERVE_FRACTION,
     activation_inputs,
@@ -85,7 +84,3 @@ def peak_memory(census: Census, config: JobConfig, device_bytes: int, global_bat
     """The fullest pipeline rank's memory terms (see :func:`rank_memory`)."""
     ranks = range(config.parallelism.pipeline_parallel_degree)
     return max((rank_memory(census, config, r, device_bytes, global_batch) for r in ranks), key=lambda m: m["total"])
-
-
-def gib(nbytes: float) -> float:
-    return nbytes / GIB

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import REPO, env
 from torchtitan_hyena import plan
 from torchtitan_hyena.config import ConfigManager
-from torchtitan_hyena.tools.dry_run import GIB, dry_run, target_accelerator
+from torchtitan_hyena.tools.dry_run import dry_run, target_accelerator
 from torchtitan_hyena.tools.planner.census import take_census
 from torchtitan_hyena.tools.planner.memory import peak_memory
 from torchtitan_hyena.tools.planner.profiles import PROFILES, load_profile
@@ -117,7 +117,6 @@ def test_bad_flags_are_one_line(args, message):
     proc = _plan(*LLAMA, *args)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert GIB > 0
 
 
 FULL_SCALE = sorted(p.stem for p in (REPO / "train_configs").glob("*.toml") if not p.stem.startswith("debug"))
